@@ -1,0 +1,195 @@
+"""Allocation: per (layer, KV head) sink and window -- the value type every part of headkv meets at.
+
+An allocation is frozen. It knows the model it was made for (``model_id``), its shape
+(layers x KV heads), how many query heads share each KV head (GQA), and free-form metadata
+(policy name, budget, source). Its JSON file format carries a format version so files stay readable.
+
+Measures:
+- ``eff_ctx``: the study's Eff.Ctx, sink + mean window over heads (nominal, not capped by position);
+- ``realized_context(T)``: mean over heads and positions t < T of min(t + 1, sink + window);
+- ``kv_bytes(T, head_dim, dtype)``: bytes of K and V the allocation keeps after T tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alloc import window as win
+
+FORMAT_VERSION = 1
+
+
+class AllocationError(ValueError):
+    """An allocation that is malformed or does not fit the model it is used with."""
+
+
+def _int_grid(name: str, value: Any, shape: tuple[int, int] | None) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, (list, tuple)) for r in value):
+        raise AllocationError(f"'{name}' must be a non-empty list of per-layer lists")
+    rows = []
+    for li, row in enumerate(value):
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, int):
+                if isinstance(v, float) and v.is_integer():
+                    continue
+                raise AllocationError(f"'{name}' layer {li} holds a non-integer value {v!r}")
+            if v < 0:
+                raise AllocationError(f"'{name}' layer {li} holds a negative value {v}")
+        rows.append(tuple(int(v) for v in row))
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise AllocationError(f"'{name}' rows have different lengths {sorted(widths)}")
+    if shape is not None and (len(rows), widths.pop()) != tuple(shape):
+        raise AllocationError(f"'{name}' has shape {len(rows)}x{len(rows[0])}, but the file says {shape}")
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-(layer, KV head) sink and window counts for one model."""
+
+    sink: tuple[tuple[int, ...], ...]
+    window: tuple[tuple[int, ...], ...]
+    model_id: str = ""
+    q_per_kv: int = 1
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        sink = _int_grid("sink", self.sink, None)
+        window = _int_grid("window", self.window, None)
+        if (len(sink), len(sink[0])) != (len(window), len(window[0])):
+            raise AllocationError("'sink' and 'window' have different shapes")
+        if any(w < 1 for row in window for w in row):
+            raise AllocationError("every window must be at least 1 (a head always sees its own token)")
+        if not isinstance(self.q_per_kv, int) or self.q_per_kv < 1:
+            raise AllocationError(f"q_per_kv must be a positive integer, got {self.q_per_kv!r}")
+        object.__setattr__(self, "sink", sink)
+        object.__setattr__(self, "window", window)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, shape: tuple[int, int], sink: int, window: int, **kw: Any) -> Allocation:
+        n_layers, n_heads = shape
+        return cls(((sink,) * n_heads,) * n_layers, ((window,) * n_heads,) * n_layers, **kw)
+
+    @classmethod
+    def from_tensors(cls, sink: torch.Tensor, window: torch.Tensor, **kw: Any) -> Allocation:
+        return cls(tuple(map(tuple, sink.tolist())), tuple(map(tuple, window.tolist())), **kw)
+
+    def with_meta(self, **meta: Any) -> Allocation:
+        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta})
+
+    # ---- views ----------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.sink), len(self.sink[0])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("policy") or self.meta.get("name") or f"alloc-{self.digest()[:10]}")
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(sink, window) as long tensors of shape (layers, KV heads)."""
+        return (
+            torch.tensor(self.sink, dtype=torch.long, device=device),
+            torch.tensor(self.window, dtype=torch.long, device=device),
+        )
+
+    # ---- measures -------------------------------------------------------------------------------
+    def eff_ctx(self) -> float:
+        """The study's Eff.Ctx: sink + mean window over heads (nominal)."""
+        s, w = self.tensors()
+        return float((s + w).double().mean())
+
+    def realized_context(self, seq_len: int) -> float:
+        s, w = self.tensors()
+        return win.realized_context(seq_len, s.flatten(), w.flatten())
+
+    def kv_tokens(self, seq_len: int) -> int:
+        """Key/value slots held over all (layer, KV head) after ``seq_len`` tokens."""
+        s, w = self.tensors()
+        return int(win.kept_tokens(seq_len, s, w).sum())
+
+    def kv_bytes(self, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes of K and V kept after ``seq_len`` tokens (batch 1)."""
+        return 2 * self.kv_tokens(seq_len) * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def check_model(self, model_id: str, shape: tuple[int, int], q_per_kv: int) -> None:
+        """Refuse an allocation made for another model, with one clear line."""
+        if self.shape != tuple(shape) or self.q_per_kv != q_per_kv:
+            raise AllocationError(
+                f"allocation '{self.name}' has shape {self.shape[0]}x{self.shape[1]} KV heads "
+                f"(q_per_kv {self.q_per_kv}) but model '{model_id}' has {shape[0]}x{shape[1]} "
+                f"(q_per_kv {q_per_kv})"
+            )
+
+    # ---- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "shape": list(self.shape),
+            "q_per_kv": self.q_per_kv,
+            "meta": self.meta,
+            "sink": [list(r) for r in self.sink],
+            "window": [list(r) for r in self.window],
+        }
+
+    def digest(self) -> str:
+        body = json.dumps({"sink": self.sink, "window": self.window}, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a reader never sees a half-written file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Allocation:
+        if not isinstance(d, dict):
+            raise AllocationError("an allocation file must hold a JSON object")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AllocationError(f"unsupported allocation format_version {version!r} (expected {FORMAT_VERSION})")
+        missing = [k for k in ("shape", "sink", "window") if k not in d]
+        if missing:
+            raise AllocationError(f"allocation file lacks {', '.join(missing)}")
+        shape = d["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) for x in shape)):
+            raise AllocationError(f"'shape' must be [layers, kv_heads], got {shape!r}")
+        sink = _int_grid("sink", d["sink"], tuple(shape))
+        window = _int_grid("window", d["window"], tuple(shape))
+        return cls(sink, window, str(d.get("model_id", "")), d.get("q_per_kv", 1), dict(d.get("meta") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Allocation:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise AllocationError(f"cannot read allocation file {path}: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AllocationError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        try:
+            return cls.from_dict(data)
+        except AllocationError as e:
+            raise AllocationError(f"{path}: {e}") from None

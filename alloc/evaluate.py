@@ -1,0 +1,137 @@
+"""THE evaluator: (model, allocation, token blocks) -> perplexity, accuracy, context and KV measures.
+
+It never asks where an allocation came from: fixed policies, learned-and-exported gates and full
+attention (``allocation=None``) all go through the same masked forward. Every predicted token's NLL is
+kept in chunk sums (``chunk`` consecutive targets of one block), which gives a bootstrap interval for
+perplexity and lets two results on the same tokens be compared with a paired bootstrap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from alloc.allocation import Allocation
+from models.attention import MaskProvider, windowed
+from models.loading import model_shape
+
+N_BOOT = 2000
+
+
+@dataclass
+class EvalResult:
+    name: str
+    ppl: float
+    ppl_lo: float  # 95% bootstrap interval over chunks of tokens
+    ppl_hi: float
+    acc: float  # next-token top-1 accuracy
+    eff_ctx: float  # the study's Eff.Ctx (sink + mean window); seq_len for full attention
+    realized_ctx: float  # mean over heads and positions of min(t + 1, sink + window)
+    kv_bytes: int  # K and V bytes held after seq_len tokens, batch 1, in the model's dtype
+    kv_bytes_full: int
+    tokens: int  # predicted tokens
+    seq_len: int
+    n_blocks: int
+    wall_s: float
+    chunk_nll: list[float] = field(repr=False)  # NLL sum per chunk, same order for the same blocks
+    chunk_tokens: list[int] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bootstrap_ppl(nll: np.ndarray, cnt: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(nll), size=(N_BOOT, len(nll)))
+    boot = np.exp(nll[idx].sum(1) / cnt[idx].sum(1))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_log_ppl_diff(a: EvalResult | dict, b: EvalResult | dict, seed: int = 0) -> tuple[float, float, float]:
+    """log PPL(a) - log PPL(b) on the same tokens, with a 95% paired bootstrap interval over chunks."""
+    ga = a if isinstance(a, dict) else a.to_dict()
+    gb = b if isinstance(b, dict) else b.to_dict()
+    if ga["chunk_tokens"] != gb["chunk_tokens"]:
+        raise ValueError("paired comparison needs results on the same tokens")
+    na, nb = np.asarray(ga["chunk_nll"]), np.asarray(gb["chunk_nll"])
+    cnt = np.asarray(ga["chunk_tokens"], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(cnt), size=(N_BOOT, len(cnt)))
+    diff = (na[idx].sum(1) - nb[idx].sum(1)) / cnt[idx].sum(1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return float((na.sum() - nb.sum()) / cnt.sum()), float(lo), float(hi)
+
+
+def _block_stats(logits: torch.Tensor, block: torch.Tensor, chunk: int) -> tuple[list, list, int]:
+    """Per-chunk NLL sums and token counts for one block, plus its number of correct top-1 guesses."""
+    pred, target = logits[0, :-1].float(), block[1:]  # (T-1, V), (T-1,)
+    nll = F.cross_entropy(pred, target, reduction="none").double()  # (T-1,)
+    correct = int((pred.argmax(-1) == target).sum())
+    sums = [float(c.sum()) for c in nll.split(chunk)]
+    counts = [len(c) for c in nll.split(chunk)]
+    return sums, counts, correct
+
+
+@torch.no_grad()
+def evaluate(
+    model: PreTrainedModel,
+    allocation: Allocation | MaskProvider | None,
+    blocks: torch.Tensor,
+    *,
+    name: str | None = None,
+    chunk: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Score ``blocks`` (N, T) under ``allocation`` (None = full attention)."""
+    start = time.perf_counter()
+    n_blocks, seq_len = blocks.shape
+    sums: list[float] = []
+    counts: list[int] = []
+    correct = 0
+    with windowed(model, allocation):
+        for i, block in enumerate(blocks):
+            block = block.to(model.device)
+            logits = model(block.unsqueeze(0)).logits  # (1, T, V)
+            s, c, k = _block_stats(logits, block, chunk)
+            sums.extend(s)
+            counts.extend(c)
+            correct += k
+            if progress:
+                progress(i + 1, n_blocks)
+    nll, cnt = np.asarray(sums), np.asarray(counts, dtype=np.float64)
+    lo, hi = _bootstrap_ppl(nll, cnt)
+    shape = model_shape(model)
+    elt = torch.empty((), dtype=model.dtype).element_size()
+    full_bytes = 2 * shape.n_layers * shape.n_kv_heads * seq_len * shape.head_dim * elt
+    if isinstance(allocation, Allocation):
+        eff, real = allocation.eff_ctx(), allocation.realized_context(seq_len)
+        kv = allocation.kv_bytes(seq_len, shape.head_dim, model.dtype)
+        label = name or allocation.name
+    else:
+        eff, real, kv = float(seq_len), (seq_len + 1) / 2, full_bytes
+        label = name or ("full" if allocation is None else type(allocation).__name__)
+    return EvalResult(
+        name=label,
+        ppl=math.exp(nll.sum() / cnt.sum()),
+        ppl_lo=lo,
+        ppl_hi=hi,
+        acc=correct / cnt.sum(),
+        eff_ctx=eff,
+        realized_ctx=real,
+        kv_bytes=kv,
+        kv_bytes_full=full_bytes,
+        tokens=int(cnt.sum()),
+        seq_len=seq_len,
+        n_blocks=n_blocks,
+        wall_s=time.perf_counter() - start,
+        chunk_nll=[float(x) for x in nll],
+        chunk_tokens=[int(x) for x in cnt],
+    )

@@ -1,0 +1,71 @@
+"""The one definition of headkv's window semantics.
+
+From query position t, a head with (sink, window) attends to keys at positions
+``[0, sink) U (t - window, t]`` (never to the future). Everything else in headkv -- the masked
+evaluator, the evicting generation cache, the learnable soft gates -- calls into this module, so
+there is exactly one place that says which keys a head sees.
+
+``soft_bias`` is the differentiable relaxation used for learning: an additive attention bias
+``logsigmoid((window - 0.5 - distance) / tau)`` on non-sink keys. As ``tau -> 0`` it becomes 0 on
+every key that ``allowed`` keeps and ``-inf`` on every other key (the 0.5 puts the step between
+two integer distances, so the limit is exactly the hard mask).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def allowed(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor
+) -> torch.Tensor:
+    """Boolean mask of the keys each head may attend to.
+
+    q_pos: (Q,) absolute query positions; k_pos: (K,) or (H, K) absolute key positions, where a
+    negative position marks an empty cache slot; sink, window: (H,) integer tensors.
+    Returns (H, Q, K).
+    """
+    q = q_pos.view(1, -1, 1)  # (1, Q, 1)
+    k = k_pos.view(1, 1, -1) if k_pos.dim() == 1 else k_pos.unsqueeze(1)  # (1|H, 1, K)
+    s = sink.view(-1, 1, 1)
+    w = window.view(-1, 1, 1)
+    causal = (k >= 0) & (k <= q)
+    return causal & ((k < s) | (k > q - w))  # (H, Q, K)
+
+
+def hard_bias(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive bias (H, Q, K): 0 where ``allowed``, -inf elsewhere."""
+    mask = allowed(q_pos, k_pos, sink, window)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def soft_bias(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Differentiable bias (H, Q, K); ``window`` may be a float tensor that requires grad.
+
+    Sinks and the causal limit stay hard; only the window edge is soft.
+    """
+    q = q_pos.view(1, -1, 1).to(window.dtype)
+    k = k_pos.view(1, 1, -1).to(window.dtype) if k_pos.dim() == 1 else k_pos.unsqueeze(1).to(window.dtype)
+    w = window.view(-1, 1, 1)
+    gate = F.logsigmoid((w - 0.5 - (q - k)) / tau)  # (H, Q, K)
+    is_sink = k < sink.view(-1, 1, 1).to(window.dtype)
+    gate = torch.where(is_sink, torch.zeros_like(gate), gate)
+    causal = (k >= 0) & (k <= q)
+    return gate.masked_fill(~causal, float("-inf"))
+
+
+def kept_tokens(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """How many distinct keys each head holds after ``seq_len`` tokens: min(T, sink + window)."""
+    return torch.clamp(sink + window, max=seq_len)
+
+
+def realized_context(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> float:
+    """Mean over heads and query positions t < T of min(t + 1, sink + window)."""
+    t = torch.arange(seq_len, dtype=torch.float64).view(1, -1) + 1  # (1, T)
+    cap = (sink + window).to(torch.float64).view(-1, 1)  # (H, 1)
+    return float(torch.minimum(t, cap).mean())

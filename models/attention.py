@@ -1,0 +1,303 @@
+"""The only code in headkv that touches transformers internals.
+
+``with windowed(model, masks):`` registers an attention function (and its matching mask function, or
+transformers would silently drop padding masks) through ``AttentionInterface``, switches the model's
+``config._attn_implementation`` to it, and undoes all of it on exit. Inside, every attention layer adds a
+per-head bias to SDPA: the hard 0/-inf mask of an :class:`Allocation`, or the soft bias of learnable gates.
+No model ``forward`` is copied, so GPT-NeoX (MHA, partial rotary) and Llama-style GQA models work alike;
+query heads that share a KV head get that KV head's bias.
+
+A mask provider is anything with ``bias(layer, q_pos, k_pos) -> (kv_heads, Q, K)``. Positions default
+to a full cache (keys 0..K-1, the queries the last Q of them). An evicting cache passes itself as
+``positions`` and reports the true absolute positions of the keys it still holds.
+
+A position source may also carry two flags. ``evicting = True`` (the per-head cache of
+:mod:`models.kv_cache`): its keys are not transformers' contiguous cache, so transformers' own causal mask
+is bypassed (the registered mask function returns ``None``; padded batches are refused) and causality comes
+from the positions alone. ``reindex = True``: StreamingLLM's position re-indexing -- distances are counted
+inside the cache, so a head with sink ``s`` and window ``w`` never sees a distance beyond ``s + w - 1``
+(see :class:`Rotary`).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+from alloc import window as win
+from alloc.allocation import Allocation, AllocationError
+
+IMPLEMENTATION = "headkv"
+
+
+class MaskProvider(Protocol):
+    def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Additive attention bias (kv_heads, Q, K) for one layer."""
+        ...
+
+
+class PositionSource(Protocol):
+    def positions(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute positions of this step's queries (Q,) and of the held keys (K,) or (kv_heads, K)."""
+        ...
+
+
+class AllocationMask:
+    """The hard mask of an allocation, as a mask provider (tensors built once, on the model's device)."""
+
+    def __init__(self, allocation: Allocation, device: torch.device | str = "cpu") -> None:
+        self.allocation = allocation
+        self.sink, self.window = allocation.tensors(device)
+
+    def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return win.hard_bias(q_pos, k_pos, self.sink[layer], self.window[layer], torch.float32)
+
+
+class FullCache:
+    """Default positions: nothing evicted, queries are the last Q of K keys (optionally re-indexed)."""
+
+    evicting = False
+
+    def __init__(self, reindex: bool = False) -> None:
+        self.reindex = reindex
+
+    def positions(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k_pos = torch.arange(k_len)
+        return k_pos[k_len - q_len :], k_pos
+
+
+class Rotary:
+    """A model's rotary embedding, used to re-rotate queries for StreamingLLM's position re-indexing.
+
+    Under re-indexing a query whose head holds ``sink + window`` keys sits at in-cache position
+    ``min(t, sink + window - 1)``: window keys keep their true distance ``t - p`` (every key between them and
+    the query is held), only sink keys move closer. RoPE scores depend on the distance alone, so the key
+    re-rotation is done exactly by rotating the query a second time, by ``min(t, sink + window - 1) - t``,
+    for its scores against sink keys. Only the first ``dim`` channels rotate (partial rotary, e.g. Pythia's
+    25%); the rest pass through.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        found = [m for m in model.modules()
+                 if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq")]
+        if not found:
+            raise ValueError("position re-indexing needs a model with rotary position embeddings")
+        if getattr(found[0], "rope_type", "default") in ("dynamic", "longrope"):
+            raise ValueError(f"position re-indexing does not support rope_type '{found[0].rope_type}'")
+        self.inv_freq = found[0].inv_freq.double()  # (F,)
+        self.dim = 2 * self.inv_freq.numel()
+
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, Q, D) by ``delta`` (H, Q) positions."""
+        angle = delta.to(self.inv_freq.device, torch.float64).unsqueeze(-1) * self.inv_freq  # (H, Q, F)
+        cos = torch.cat([angle.cos(), angle.cos()], -1).to(x.device, x.dtype)  # (H, Q, dim)
+        sin = torch.cat([angle.sin(), angle.sin()], -1).to(x.device, x.dtype)
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        half = torch.cat([-rot[..., self.dim // 2 :], rot[..., : self.dim // 2]], -1)
+        return torch.cat([rot * cos + half * sin, rest], -1)
+
+
+@dataclass
+class _State:
+    masks: MaskProvider
+    positions: PositionSource
+    rotary: Rotary | None = None
+
+
+_ACTIVE: dict[int, _State] = {}  # id(model.config) -> state, only while inside windowed()
+_LOCK = threading.Lock()
+
+
+def _reindexed(state: _State, layer: int, query, key, q_pos, k_pos, scaling):
+    """Query and key with the sink scores re-indexed (see :class:`Rotary`), on doubled channels.
+
+    ``[q, q_sink] . [k * not_sink, k * sink]`` gives ``q . k`` on window keys and ``q_sink . k`` on sink keys
+    in one SDPA call; values are untouched, and the scale stays the model's.
+    """
+    sink = state.masks.sink[layer].to(query.device)  # (Hkv,)
+    window = state.masks.window[layer].to(query.device)
+    n_kv = key.shape[1]
+    cap = sink + window - 1  # in-cache position of a query whose head holds all it may
+    delta = torch.minimum(q_pos.view(1, -1), cap.view(-1, 1)) - q_pos.view(1, -1)  # (Hkv, Q), <= 0
+    q_sink = state.rotary.rotate(query, delta.repeat_interleave(query.shape[1] // n_kv, dim=0))
+    kp = k_pos.expand(n_kv, -1) if k_pos.dim() == 1 else k_pos  # (Hkv, K)
+    is_sink = ((kp >= 0) & (kp < sink.view(-1, 1))).to(key.dtype).unsqueeze(-1)  # (Hkv, K, 1)
+    key = torch.cat([key * (1 - is_sink), key * is_sink], dim=-1)  # (B, Hkv, K, 2D)
+    query = torch.cat([query, q_sink], dim=-1)  # (B, Hq, Q, 2D)
+    return query, key, scaling if scaling is not None else (query.shape[-1] // 2) ** -0.5
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA plus the per-head bias of the model's active mask provider."""
+    state = _ACTIVE.get(id(module.config))
+    if state is None:  # a model switched to this implementation outside windowed(): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    q_len, k_len = query.shape[2], key.shape[2]
+    q_pos, k_pos = state.positions.positions(module.layer_idx, q_len, k_len)
+    bias = state.masks.bias(module.layer_idx, q_pos.to(query.device), k_pos.to(query.device))  # (Hkv, Q, K)
+    bias = bias.repeat_interleave(query.shape[1] // bias.shape[0], dim=0).unsqueeze(0)  # (1, Hq, Q, K)
+    bias = bias.to(query.dtype)
+    if state.rotary is not None:
+        query, key, scaling = _reindexed(state, module.layer_idx, query, key, q_pos.to(query.device),
+                                         k_pos.to(query.device), scaling)
+    # transformers' causal/padding mask for the same keys (bypassed for an evicting cache: see _mask)
+    if attention_mask is not None and not getattr(state.positions, "evicting", False):
+        if attention_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            bias = bias + attention_mask
+    # finite floor: a fully masked (padding) row softmaxes to uniform instead of NaN, as transformers does
+    bias = bias.clamp(min=torch.finfo(query.dtype).min)
+    return sdpa_attention_forward(module, query, key, value, bias, dropout, scaling, is_causal=False, **kwargs)
+
+
+def _mask(*args, **kwargs):
+    """transformers' SDPA mask, bypassed for an evicting cache (its keys are not a contiguous prefix)."""
+    state = _ACTIVE.get(id(kwargs.get("config")))
+    if state is not None and getattr(state.positions, "evicting", False):
+        padding = kwargs.get("attention_mask")
+        if padding is not None and not bool(padding.all()):
+            raise ValueError("the per-head evicting cache does not support padded batches; "
+                             "use batch 1 or prompts of equal length")
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    AttentionInterface.register(IMPLEMENTATION, _attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask)
+
+
+def _unregister() -> None:
+    AttentionInterface._global_mapping.pop(IMPLEMENTATION, None)
+    AttentionMaskInterface._global_mapping.pop(IMPLEMENTATION, None)
+
+
+def as_mask_provider(masks: Allocation | MaskProvider, model: PreTrainedModel) -> MaskProvider:
+    if isinstance(masks, Allocation):
+        from models.loading import model_shape
+
+        shape = model_shape(model)
+        masks.check_model(shape.model_id, shape.shape, shape.q_per_kv)
+        return AllocationMask(masks, model.device)
+    return masks
+
+
+@contextmanager
+def windowed(
+    model: PreTrainedModel,
+    masks: Allocation | MaskProvider | None,
+    positions: PositionSource | None = None,
+) -> Iterator[PreTrainedModel]:
+    """Apply per-head sink+window masks (or soft gates) to ``model`` inside the block.
+
+    ``masks=None`` means full attention: the model runs untouched.
+    """
+    if masks is None:
+        if getattr(positions, "evicting", False):
+            raise ValueError("an evicting cache needs the allocation it evicts by: "
+                             "windowed(model, allocation, positions=cache)")
+        yield model
+        return
+    held = getattr(positions, "allocation", None)
+    if held is not None and isinstance(masks, Allocation) and held != masks:
+        raise AllocationError(f"the cache evicts by allocation '{held.name}' but the mask is '{masks.name}'")
+    provider = as_mask_provider(masks, model)
+    rotary = None
+    if getattr(positions, "reindex", False):
+        if not isinstance(provider, AllocationMask):
+            raise ValueError("position re-indexing needs a hard allocation (sink + window per head)")
+        rotary = Rotary(model)
+    key = id(model.config)
+    with _LOCK:
+        if key in _ACTIVE:
+            raise RuntimeError("windowed() is already active on this model; nesting is not supported")
+        if not _ACTIVE:
+            _register()
+        _ACTIVE[key] = _State(provider, positions or FullCache(), rotary)
+        previous = model.config._attn_implementation
+        model.config._attn_implementation = IMPLEMENTATION
+    try:
+        yield model
+    finally:
+        with _LOCK:
+            model.config._attn_implementation = previous
+            _ACTIVE.pop(key, None)
+            if not _ACTIVE:
+                _unregister()
+
+
+def is_active_source(positions: object) -> bool:
+    """True while ``positions`` is the position source of some model inside ``windowed()``."""
+    return any(state.positions is positions for state in list(_ACTIVE.values()))
+
+
+def is_clean(model: PreTrainedModel) -> bool:
+    """True when nothing of the patch remains on ``model`` or in transformers' registries."""
+    return (
+        model.config._attn_implementation != IMPLEMENTATION
+        and id(model.config) not in _ACTIVE
+        and IMPLEMENTATION not in AttentionInterface._global_mapping
+        and IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    )
+
+
+# ---- attention capture (head classification) ---------------------------------------------------------
+CAPTURE = "headkv_capture"
+_CAPTURE: dict[int, "AttentionCallback"] = {}  # id(model.config) -> callback, only inside captured()
+
+
+class AttentionCallback(Protocol):
+    def __call__(self, layer: int, probs: torch.Tensor) -> None:
+        """Receives one layer's attention probabilities (B, query heads, Q, K) of a full-cache forward."""
+        ...
+
+
+def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Plain SDPA for the output; the attention probabilities are recomputed and handed to the callback."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    callback = _CAPTURE.get(id(module.config))
+    if callback is not None:
+        keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, Hq, K, D)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = (query @ keys.transpose(-1, -2)).float() * scale  # (B, Hq, Q, K)
+        if attention_mask is None:  # SDPA's is_causal path: the queries are the last Q of K keys
+            q_len, k_len = scores.shape[-2:]
+            q_pos = torch.arange(k_len - q_len, k_len, device=scores.device).view(-1, 1)
+            scores = scores.masked_fill(torch.arange(k_len, device=scores.device) > q_pos, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.float()
+        callback(module.layer_idx, scores.softmax(-1))
+    return out
+
+
+@contextmanager
+def captured(model: PreTrainedModel, callback: AttentionCallback) -> Iterator[PreTrainedModel]:
+    """Run ``model`` with full attention and hand every layer's attention probabilities to ``callback``."""
+    key = id(model.config)
+    with _LOCK:
+        if key in _ACTIVE or key in _CAPTURE:
+            raise RuntimeError("captured() cannot nest with windowed() or captured() on the same model")
+        AttentionInterface.register(CAPTURE, _capture_attention)
+        AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+        _CAPTURE[key] = callback
+        previous = model.config._attn_implementation
+        model.config._attn_implementation = CAPTURE
+    try:
+        yield model
+    finally:
+        with _LOCK:
+            model.config._attn_implementation = previous
+            _CAPTURE.pop(key, None)
+            if not _CAPTURE:
+                AttentionInterface._global_mapping.pop(CAPTURE, None)
+                AttentionMaskInterface._global_mapping.pop(CAPTURE, None)

@@ -1,0 +1,547 @@
+"""Text corpora for evaluation and training, turned into fixed-length token blocks.
+
+Sources (``source`` argument):
+
+``austen`` (offline default)
+    Six Jane Austen novels from Debian's ``r-cran-janeaustenr`` package, fetched once with
+    ``apt-get download`` + ``dpkg-deb -x`` into ``$HEADKV_CACHE/austen`` (default
+    ``~/.cache/headkv/austen``) and read with the project's own R-serialization reader
+    (:mod:`models.rdata`).  Fixed split (:data:`AUSTEN_SPLITS`): **eval** = *Persuasion* +
+    *Northanger Abbey* (~222k SmolLM2 tokens); **train** = *Emma*, *Mansfield Park*, *Pride and
+    Prejudice*, *Sense and Sensibility*.
+``wikitext-2-raw-v1``
+    Hugging Face ``Salesforce/wikitext`` (config ``wikitext-2-raw-v1``); train -> ``train``,
+    eval -> ``test``.  Lines are grouped into articles at top-level ``= Title =`` headings; each non-empty
+    line is a paragraph; the text is otherwise kept raw.
+``pg19``
+    Hugging Face ``emozilla/pg19`` (fallback ``deepmind/pg19``), streamed; eval -> ``test`` (all 100
+    books), train -> the first :data:`PG19_MAX_TRAIN_BOOKS` books of ``train``.
+a path
+    A ``.txt`` file or a directory searched recursively for ``*.txt`` (sorted by relative path).
+    Directory with >= 2 files: file-level split, the files at sorted positions 0, 5, 10, ... are
+    **eval**, the rest **train**.  A single file (or a directory holding one): its last 20% of
+    paragraphs are **eval**, the first 80% **train**.
+
+Split names are ``train`` and ``eval`` (``test`` is an alias of ``eval``).
+
+Cleaning: lines separated by blank lines form paragraphs; hard-wrapped lines are joined with a space,
+whitespace is collapsed, and Gutenberg-style ``_italics_`` underscores are removed (not for wikitext).
+For Austen the front matter before the first chapter heading, full-bracket editorial notes such as
+``[End volume one of this edition.]`` and the Signet "A NOTE ON THE TEXT" appendix of *Northanger Abbey*
+are dropped.  A document is its paragraphs joined with ``"\\n\\n"``.  (Measured: evaluating on the raw
+hard-wrapped lines gives artificially low perplexity.)
+
+Tokenization: each paragraph is tokenized separately without special tokens (no BOS), and paragraphs
+and documents are joined by the tokens the separator ``"\\n\\n"`` gets between two words, so the stream
+matches tokenizing the joined text (for byte-level BPE tokenizers that split at newlines) while the
+offsets of paragraph starts are known.  The stream, paragraph starts and document starts are cached
+per (source, split, tokenizer name/size/fingerprint) as ``$HEADKV_CACHE/tokens/*.pt``.
+
+Blocks (:func:`token_blocks`): ``n_blocks`` non-overlapping windows of exactly ``seq_len`` tokens, each
+starting at a paragraph start, spread evenly over the split's concatenated token stream (block ``i``
+is centred as near as possible to the centre of the ``i``-th of ``n_blocks`` equal segments; ``seed``
+only shifts that phase).  Blocks may run across a document boundary (documents are ``"\\n\\n"``-joined).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.rdata import CorpusError, LazyLoadDB
+
+__all__ = [
+    "AUSTEN_SPLITS",
+    "CorpusError",
+    "available_blocks",
+    "describe",
+    "fetch_austen",
+    "load_documents",
+    "long_stream",
+    "token_blocks",
+]
+
+log = logging.getLogger(__name__)
+
+AUSTEN_SPLITS: dict[str, tuple[str, ...]] = {
+    "train": ("emma", "mansfieldpark", "prideprejudice", "sensesensibility"),
+    "eval": ("persuasion", "northangerabbey"),
+}  # the split name "test" is accepted everywhere as an alias of "eval"
+AUSTEN_PACKAGE = "r-cran-janeaustenr"
+AUSTEN_FILES = ("Rdata.rdx", "Rdata.rdb")
+HF_SOURCES: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "wikitext-2-raw-v1": (("Salesforce/wikitext", "wikitext"), "wikitext-2-raw-v1"),
+    "pg19": (("emozilla/pg19", "deepmind/pg19"), None),
+}
+PG19_MAX_TRAIN_BOOKS = 200
+LOCAL_EVAL_EVERY = 5  # directory sources: sorted files 0, 5, 10, ... are eval
+LOCAL_TRAIN_FRACTION = 0.8  # single-file sources: first 80% of paragraphs are train
+_CACHE_FORMAT = 1  # bump when cleaning or tokenization changes, to invalidate token caches
+_SPLIT_ALIASES = {"train": "train", "eval": "eval", "test": "eval"}
+_PARAGRAPH_SEP = "\n\n"
+_GOLDEN = 0.6180339887498949
+
+
+def default_cache_dir() -> Path:
+    """``$HEADKV_CACHE`` if set, else ``~/.cache/headkv``."""
+    env = os.environ.get("HEADKV_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "headkv"
+
+
+def _canonical_split(split: str) -> str:
+    if split not in _SPLIT_ALIASES:
+        raise CorpusError(f"unknown split {split!r}; use 'train' or 'eval' ('test' = 'eval')")
+    return _SPLIT_ALIASES[split]
+
+
+# --------------------------------------------------------------------------- austen
+
+
+def fetch_austen(cache_dir: Path | None = None) -> Path:
+    """Return the directory holding ``Rdata.rdx``/``Rdata.rdb``, fetching them via apt if missing."""
+    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "austen"
+    if all((target / name).is_file() for name in AUSTEN_FILES):
+        return target
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise CorpusError(
+                f"cannot fetch the austen corpus: {tool!r} not found (needs a Debian/Ubuntu "
+                f"system); use a local .txt corpus path instead"
+            )
+    log.info("fetching %s with apt-get into %s", AUSTEN_PACKAGE, target)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="headkv-austen-") as tmp:
+        _run_tool(["apt-get", "download", AUSTEN_PACKAGE], Path(tmp))
+        debs = sorted(Path(tmp).glob("*.deb"))
+        if not debs:
+            raise CorpusError(f"apt-get download {AUSTEN_PACKAGE} produced no .deb file")
+        _run_tool(["dpkg-deb", "-x", str(debs[0]), "root"], Path(tmp))
+        found = sorted(Path(tmp, "root").rglob("janeaustenr/data/Rdata.rdx"))
+        if not found:
+            raise CorpusError(f"{debs[0].name} does not contain janeaustenr/data/Rdata.rdx")
+        for name in reversed(AUSTEN_FILES):  # .rdb first: the .rdx is the "complete" marker
+            _atomic_copy(found[0].parent / name, target / name)
+    return target
+
+
+def _run_tool(cmd: list[str], cwd: Path) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CorpusError(f"cannot fetch the austen corpus: {' '.join(cmd)} failed: {exc}") from exc
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("E:")] or lines or ["no output"]
+        raise CorpusError(
+            f"cannot fetch the austen corpus: '{' '.join(cmd)}' exited with {proc.returncode}: "
+            f"{errors[-1]} (try 'apt-get update', or use a local .txt corpus path)"
+        )
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_austen_novel(name: str, cache_dir: Path | None = None) -> list[str]:
+    """The raw lines (one hard-wrapped line per element) of one novel, e.g. ``"persuasion"``."""
+    db = LazyLoadDB(fetch_austen(cache_dir) / "Rdata.rdx")
+    obj = db.load(name)
+    if obj is None or obj.type_name != "STRSXP":
+        raise CorpusError(f"janeaustenr object {name!r} is not a character vector")
+    return ["" if line is None else line for line in obj.value]
+
+
+def _strip_austen_boilerplate(paragraphs: list[str]) -> list[str]:
+    """Drop front matter before the first chapter heading, editorial [notes] and the Signet appendix."""
+    first = next((i for i, p in enumerate(paragraphs) if re.match(r"(?i)chapter\b", p)), 0)
+    body = paragraphs[first:]
+    if "A NOTE ON THE TEXT" in body:
+        body = body[: body.index("A NOTE ON THE TEXT")]
+    return [p for p in body if not (p.startswith("[") and p.endswith("]"))]
+
+
+# --------------------------------------------------------------------------- cleaning
+
+_ITALIC_OPEN = re.compile(r"(?<![\w_])_+(?=[^\s_])")
+_ITALIC_CLOSE = re.compile(r"(?<=[^\s_])_+(?![\w_])")
+
+
+def clean_paragraph(text: str, italics: bool = True) -> str:
+    """Join a hard-wrapped paragraph into one line; optionally drop ``_italics_`` underscores."""
+    if italics:
+        text = _ITALIC_CLOSE.sub("", _ITALIC_OPEN.sub("", text))
+    return " ".join(text.split())
+
+
+def paragraphs_from_lines(lines: list[str], italics: bool = True) -> list[str]:
+    """Group hard-wrapped lines into cleaned paragraphs; blank lines separate paragraphs."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in [*lines, ""]:
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append(clean_paragraph(" ".join(current), italics))
+            current = []
+    return [p for p in paragraphs if p]
+
+
+def paragraphs_from_text(text: str, italics: bool = True) -> list[str]:
+    return paragraphs_from_lines(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), italics)
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def load_documents(source: str, split: str = "eval") -> list[str]:
+    """The cleaned documents (paragraphs joined by ``"\\n\\n"``) of one split of a source."""
+    split = _canonical_split(split)
+    if source == "austen":
+        docs = []
+        for name in AUSTEN_SPLITS[split]:
+            docs.append(
+                _PARAGRAPH_SEP.join(_strip_austen_boilerplate(paragraphs_from_lines(load_austen_novel(name))))
+            )
+    elif source in HF_SOURCES:
+        docs = _load_hf_documents(source, split)
+    else:
+        docs = _load_local_documents(_resolve_path(source), split)
+    docs = [d for d in docs if d]
+    if not docs:
+        raise CorpusError(f"split {split!r} of corpus {describe(source)} holds no text")
+    return docs
+
+
+def describe(source: str) -> str:
+    """A short stable name for results files: the corpus name, or the resolved path of a local corpus."""
+    if source == "austen" or source in HF_SOURCES:
+        return source
+    return str(_resolve_path(source))
+
+
+def _resolve_path(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        known = ", ".join(["austen", *HF_SOURCES])
+        raise CorpusError(f"corpus path not found: {source} (known corpora: {known}, or a .txt file/dir)")
+    return path.resolve()
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(
+        (p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()
+    )
+    if not files:
+        raise CorpusError(f"no .txt files under corpus directory {path}")
+    return files
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror or exc}") from exc
+
+
+def _load_local_documents(path: Path, split: str) -> list[str]:
+    files = _local_files(path)
+    if len(files) >= 2:
+        chosen = [f for i, f in enumerate(files) if (i % LOCAL_EVAL_EVERY == 0) == (split == "eval")]
+        return [_PARAGRAPH_SEP.join(paragraphs_from_text(_read_text(f))) for f in chosen]
+    paragraphs = paragraphs_from_text(_read_text(files[0]))
+    if not paragraphs:
+        raise CorpusError(f"corpus file {files[0]} holds no text")
+    n_train = min(len(paragraphs) - 1, round(LOCAL_TRAIN_FRACTION * len(paragraphs)))
+    part = paragraphs[:n_train] if split == "train" else paragraphs[n_train:]
+    return [_PARAGRAPH_SEP.join(part)]
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_load(source: str, split: str, streaming: bool) -> Any:
+    """``datasets.load_dataset`` over the candidate repos; one clear CorpusError if none loads."""
+    repos, config = HF_SOURCES[source]
+    hf_split = "train" if split == "train" else "test"
+    try:
+        import datasets  # lazy: only needed for hub corpora
+    except ImportError as exc:
+        raise CorpusError(f"corpus {source!r} needs the 'datasets' package; use --corpus austen") from exc
+    error: Exception | None = None
+    for repo in repos:
+        try:
+            return datasets.load_dataset(repo, config, split=hf_split, streaming=streaming)
+        except Exception as exc:  # noqa: BLE001 - any hub/network/cache failure gets the same advice
+            error = exc
+            log.debug("load_dataset(%s, %s) failed: %r", repo, config, exc)
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                break  # the hub is unreachable: a fallback repo would only repeat the slow retries
+    raise _hf_error(source, error)
+
+
+def _hf_error(source: str, error: Exception | None) -> CorpusError:
+    detail = (str(error).strip().splitlines() or [""])[0][:160] if error is not None else ""
+    kind = type(error).__name__ if error is not None else "error"
+    return CorpusError(
+        f"cannot load corpus {source!r} from the Hugging Face hub (offline or unreachable? "
+        f"{kind}: {detail}); use --corpus austen or a local .txt path"
+    )
+
+
+def _load_hf_documents(source: str, split: str) -> list[str]:
+    try:
+        if source == "pg19":
+            dataset = _hf_load(source, split, streaming=True)
+            limit = PG19_MAX_TRAIN_BOOKS if split == "train" else None
+            books = (row["text"] for _, row in zip(range(limit or 10**9), dataset, strict=False))
+            return [_PARAGRAPH_SEP.join(paragraphs_from_text(text)) for text in books]
+        return _wikitext_articles(list(_hf_load(source, split, streaming=False)["text"]))
+    except CorpusError:
+        raise
+    except Exception as exc:  # e.g. a streamed download failing midway
+        raise _hf_error(source, exc) from exc
+
+
+def _wikitext_articles(lines: list[str]) -> list[str]:
+    """Group wikitext rows into articles at top-level `` = Title = `` headings; rows are paragraphs."""
+    articles: list[list[str]] = []
+    for line in lines:
+        text = " ".join(line.split())
+        if not text:
+            continue
+        if re.fullmatch(r"= [^=].* =", text) or not articles:
+            articles.append([])
+        articles[-1].append(text)
+    return [_PARAGRAPH_SEP.join(a) for a in articles]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class TokenizedSplit:
+    """A split's token stream with the offsets where paragraphs and documents begin."""
+
+    ids: torch.Tensor  # (n_tokens,) int64
+    para_starts: torch.Tensor  # sorted offsets of each paragraph's first token
+    doc_starts: torch.Tensor  # sorted offsets of each document's first token
+
+
+_MEMO: dict[str, TokenizedSplit] = {}
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _separator_ids(tokenizer: Any) -> list[int]:
+    """Tokens of ``"\\n\\n"`` as they appear between two paragraphs (not at the end of a text)."""
+    left, right, both = _encode(tokenizer, ["Alpha", "Beta", "Alpha" + _PARAGRAPH_SEP + "Beta"])
+    if (
+        both[: len(left)] == left
+        and both[len(both) - len(right) :] == right
+        and len(both) > len(left) + len(right)
+    ):
+        return both[len(left) : len(both) - len(right)]
+    return _encode(tokenizer, [_PARAGRAPH_SEP])[0]
+
+
+def tokenize_documents(tokenizer: Any, documents: list[str]) -> TokenizedSplit:
+    """Tokenize paragraph by paragraph and join with the separator tokens (see module docstring)."""
+    sep = _separator_ids(tokenizer)
+    doc_paras = [[p for p in doc.split(_PARAGRAPH_SEP) if p.strip()] for doc in documents]
+    encoded = iter(_encode(tokenizer, [p for paras in doc_paras for p in paras]))
+    ids: list[int] = []
+    para_starts: list[int] = []
+    doc_starts: list[int] = []
+    for paras in doc_paras:
+        pieces = [piece for piece in (next(encoded) for _ in paras) if piece]
+        if not pieces:
+            continue
+        if ids:
+            ids.extend(sep)
+        doc_starts.append(len(ids))
+        for k, piece in enumerate(pieces):
+            if k:
+                ids.extend(sep)
+            para_starts.append(len(ids))
+            ids.extend(piece)
+    return TokenizedSplit(*(torch.tensor(xs, dtype=torch.long) for xs in (ids, para_starts, doc_starts)))
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    probe = "Head-aware KV caches: 12,345 tokens.\n\nÉmile's naïve café -- _really_?"
+    digest = hashlib.sha1(str(_encode(tokenizer, [probe])[0]).encode()).hexdigest()[:12]
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    return f"{type(tokenizer).__name__}|{name}|{len(tokenizer)}|{digest}"
+
+
+def _source_fingerprint(source: str) -> str:
+    if source == "austen" or source in HF_SOURCES:
+        return source
+    path = _resolve_path(source)
+    stats = []
+    for f in _local_files(path):
+        st = f.stat()
+        stats.append(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return f"{path}|{';'.join(stats)}"
+
+
+def _cache_file(source: str, split: str, key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", Path(describe(source)).name)[:40] or "corpus"
+    return default_cache_dir() / "tokens" / f"{slug}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _load_cached(path: Path, key: str) -> TokenizedSplit | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+        if data.get("key") == key:
+            return TokenizedSplit(data["ids"], data["para_starts"], data["doc_starts"])
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache is recomputed, never fatal
+        log.warning("ignoring unreadable token cache %s: %s", path, exc)
+    return None
+
+
+def _save_cached(path: Path, key: str, split: TokenizedSplit) -> None:
+    data = {"key": key, "ids": split.ids, "para_starts": split.para_starts, "doc_starts": split.doc_starts}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(data, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not write token cache %s: %s", path, exc)
+
+
+def tokenized_split(tokenizer: Any, source: str, split: str = "eval") -> TokenizedSplit:
+    """The (cached) token stream of one split; tokenizes the documents only on a cache miss."""
+    split = _canonical_split(split)
+    key = "|".join(
+        [f"v{_CACHE_FORMAT}", _source_fingerprint(source), split, _tokenizer_fingerprint(tokenizer)]
+    )
+    if key in _MEMO:
+        return _MEMO[key]
+    path = _cache_file(source, split, key)
+    result = _load_cached(path, key)
+    if result is None:
+        log.info("tokenizing %s split of %s", split, describe(source))
+        result = tokenize_documents(tokenizer, load_documents(source, split))
+        if result.ids.numel() == 0:
+            raise CorpusError(f"split {split!r} of corpus {describe(source)} holds no tokens")
+        _save_cached(path, key, result)
+    if len(_MEMO) >= 8:
+        _MEMO.clear()
+    _MEMO[key] = result
+    return result
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def _candidates(tokens: TokenizedSplit, seq_len: int) -> np.ndarray:
+    starts = tokens.para_starts.numpy()
+    return starts[starts + seq_len <= tokens.ids.numel()]
+
+
+def _count_blocks(cands: np.ndarray, seq_len: int) -> int:
+    """Most non-overlapping paragraph-aligned blocks: greedy earliest-first is optimal."""
+    count, pos = 0, 0
+    while True:
+        j = int(np.searchsorted(cands, pos, side="left"))
+        if j >= len(cands):
+            return count
+        count, pos = count + 1, int(cands[j]) + seq_len
+
+
+def available_blocks(tokenizer: Any, source: str, split: str = "eval", seq_len: int = 1024) -> int:
+    """How many non-overlapping paragraph-aligned blocks of ``seq_len`` tokens the split holds."""
+    if seq_len < 1:
+        raise CorpusError(f"seq_len must be >= 1, got {seq_len}")
+    return _count_blocks(_candidates(tokenized_split(tokenizer, source, split), seq_len), seq_len)
+
+
+def _latest_starts(cands: np.ndarray, seq_len: int, n_blocks: int, total: int) -> list[int] | None:
+    """Latest feasible start of each block (greedy from the end), or None if n_blocks do not fit."""
+    latest = [0] * n_blocks
+    limit = total
+    for i in reversed(range(n_blocks)):
+        j = int(np.searchsorted(cands, limit - seq_len, side="right")) - 1
+        if j < 0:
+            return None
+        latest[i] = limit = int(cands[j])
+    return latest
+
+
+def select_block_starts(
+    cands: np.ndarray, total: int, seq_len: int, n_blocks: int, seed: int = 0
+) -> list[int]:
+    """Evenly spread, non-overlapping starts from ``cands``; raises CorpusError if they do not fit."""
+    latest = _latest_starts(cands, seq_len, n_blocks, total)
+    if latest is None:
+        raise CorpusError(
+            f"only {_count_blocks(cands, seq_len)} non-overlapping blocks of {seq_len} tokens "
+            f"available ({total} tokens), {n_blocks} requested"
+        )
+    phase = (0.5 + seed * _GOLDEN) % 1.0
+    starts: list[int] = []
+    prev_end = 0
+    for i in range(n_blocks):
+        target = max(prev_end, int((i + phase) * total / n_blocks - seq_len / 2))
+        j = int(np.searchsorted(cands, target, side="left"))
+        start = min(int(cands[j]) if j < len(cands) else latest[i], latest[i])
+        starts.append(start)
+        prev_end = start + seq_len
+    return starts
+
+
+def token_blocks(
+    tokenizer: Any, source: str, split: str = "eval", seq_len: int = 1024, n_blocks: int = 8, seed: int = 0
+) -> torch.Tensor:
+    """``(n_blocks, seq_len)`` int64 token ids: non-overlapping, paragraph-aligned, evenly spread, no BOS."""
+    if seq_len < 1 or n_blocks < 1:
+        raise CorpusError(f"seq_len and n_blocks must be >= 1, got {seq_len} and {n_blocks}")
+    tokens = tokenized_split(tokenizer, source, split)
+    total = tokens.ids.numel()
+    try:
+        starts = select_block_starts(_candidates(tokens, seq_len), total, seq_len, n_blocks, seed)
+    except CorpusError as exc:
+        raise CorpusError(f"{describe(source)} {_canonical_split(split)}: {exc}") from None
+    return torch.stack([tokens.ids[s : s + seq_len] for s in starts]).long()
+
+
+def long_stream(tokenizer: Any, source: str, split: str = "eval", n_tokens: int = 32768) -> torch.Tensor:
+    """The first ``n_tokens`` of the split's concatenated token stream (documents ``"\\n\\n"``-joined)."""
+    if n_tokens < 1:
+        raise CorpusError(f"n_tokens must be >= 1, got {n_tokens}")
+    tokens = tokenized_split(tokenizer, source, split)
+    if tokens.ids.numel() < n_tokens:
+        raise CorpusError(
+            f"{describe(source)} {_canonical_split(split)} holds only {tokens.ids.numel()} tokens, "
+            f"{n_tokens} requested"
+        )
+    return tokens.ids[:n_tokens].clone()

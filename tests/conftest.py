@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random-init GPT-NeoX and Llama models (no download) and the offline default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+from models.loading import freeze
+
+VOCAB = 97
+
+
+def tiny_config(arch: str):
+    if arch == "llama":  # GQA: 4 query heads share 2 KV heads
+        return LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        )
+    return GPTNeoXConfig(  # MHA with partial rotary, as Pythia
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25,
+    )
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return freeze(AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa"))
+
+
+@pytest.fixture(params=["neox", "llama"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The offline default model and tokenizer (dequantized once, then cached)."""
+    from models.loading import load_model
+
+    return load_model("smollm2-135m")
