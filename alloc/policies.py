@@ -84,3 +84,62 @@ def streaming(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
     if c <= STUDY_SINK:
         raise AllocationError(f"B_streaming_{c}: the context must exceed the {STUDY_SINK} sink tokens")
     return _uniform(ctx, STUDY_SINK, c - STUDY_SINK, budget=c)
+
+
+# ---- families that read a head profile (classify.profile.HeadProfile) ----------------------------------
+# G: the window a confidently typed head gets
+TYPE_WINDOWS = {"positional": 16, "mixed": 64, "gathering": 256}
+
+
+def _labels(ctx: PolicyContext) -> tuple[list[list[str]], list[list[float]]]:
+    prof = ctx.profile
+    if prof is None:
+        raise AllocationError("this policy needs a head profile: run `headkv classify` and pass --profile")
+    if tuple(prof.shape) != tuple(ctx.shape):
+        raise AllocationError(
+            f"head profile has {prof.shape[0]}x{prof.shape[1]} KV heads but the model has "
+            f"{ctx.shape[0]}x{ctx.shape[1]}"
+        )
+    return prof.labels, prof.confidence
+
+
+def _by_type(ctx: PolicyContext, window_of: Callable[[str, float], int], **meta: Any) -> Allocation:
+    """Sink 4 everywhere; each head's window from its (label, confidence)."""
+    labels, conf = _labels(ctx)
+    rows = zip(labels, conf, strict=True)
+    window = tuple(tuple(window_of(lab, c) for lab, c in zip(lr, cr, strict=True)) for lr, cr in rows)
+    sink = tuple((STUDY_SINK,) * len(r) for r in window)
+    alloc = Allocation(sink, window, meta=meta)
+    return alloc.with_meta(budget=alloc.eff_ctx())  # these families state no budget: theirs is what they use
+
+
+# G: confidence-based: a head with confidence >= t gets its type's window (16/64/256), every other head b.
+@register("G", r"G_conf(?P<t>\d+(?:\.\d+)?)_base(?P<b>\d+)", needs_profile=True)
+def confidence_based(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
+    t, b = p["t"], int(p["b"])
+    return _by_type(ctx, lambda lab, c: TYPE_WINDOWS[lab] if c >= t else b, threshold=t, base=b)
+
+
+def _type_windows(p: dict[str, float]) -> dict[str, int]:
+    return {"positional": int(p["p"]), "mixed": int(p["m"]), "gathering": int(p["g"])}
+
+
+# I: inverse: window by type, positional p, mixed m, gathering g (long windows to positional heads).
+@register("I", r"I_pos(?P<p>\d+)_mix(?P<m>\d+)_g(?P<g>\d+)", needs_profile=True)
+def inverse(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
+    w = _type_windows(p)
+    return _by_type(ctx, lambda lab, c: w[lab], type_windows=w)
+
+
+# J: small-gathering: window by type as I, with the gathering heads kept small.
+@register("J", r"J_pos(?P<p>\d+)_mix(?P<m>\d+)_g(?P<g>\d+)", needs_profile=True)
+def small_gathering(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
+    w = _type_windows(p)
+    return _by_type(ctx, lambda lab, c: w[lab], type_windows=w)
+
+
+# K: uniform-aware: every head window W (sink 4) through the per-head mechanism; Eff.Ctx = W + 4.
+@register("K", r"K_uniform(?P<W>\d+)_aware")
+def uniform_aware(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
+    w = int(p["W"])
+    return _uniform(ctx, STUDY_SINK, w, budget=w + STUDY_SINK)

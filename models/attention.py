@@ -140,6 +140,15 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if state is None:  # a model switched to this implementation outside windowed(): plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
+    quick = getattr(state.positions, "decode_bias", None)
+    if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, AllocationMask):
+        # an evicting cache after a one-token write holds exactly the keys this query may see: only its
+        # padding needs masking (None: no mask at all, so SDPA can take its fastest kernel)
+        bias = quick(module.layer_idx, k_len)  # (Hkv, 1, K) or None
+        if bias is not None:
+            bias = bias.repeat_interleave(query.shape[1] // bias.shape[0], dim=0).unsqueeze(0).to(query.dtype)
+        return sdpa_attention_forward(module, query, key, value, bias, dropout, scaling, is_causal=False,
+                                      **kwargs)
     q_pos, k_pos = state.positions.positions(module.layer_idx, q_len, k_len)
     bias = state.masks.bias(module.layer_idx, q_pos.to(query.device), k_pos.to(query.device))  # (Hkv, Q, K)
     bias = bias.repeat_interleave(query.shape[1] // bias.shape[0], dim=0).unsqueeze(0)  # (1, Hq, Q, K)

@@ -1,0 +1,280 @@
+"""The study's five figures, plus the frontier view, drawn from a sweep's rows (PNG).
+
+1. ``ppl_vs_ctx.png``: PPL vs Eff.Ctx for every family (A red, B green, G blue, I purple, K cyan, J orange)
+2. ``sink_importance.png``: A (no sink) vs B (sink 4) at the same context, and the PPL increase without sinks
+3. ``confidence_threshold.png``: G, PPL vs confidence threshold, one panel per base window, StreamingLLM as
+   reference (both the B row of the base window and B interpolated at each G row's own Eff.Ctx)
+4. ``best_configs.png``: the best configurations, each beside StreamingLLM at its own Eff.Ctx
+5. ``inverse.png``: the inverse experiment (I family)
+6. ``frontier.png``: PPL vs Eff.Ctx with the B frontier, and every configuration's distance from it
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from alloc.frontier import compare_all, frontier  # noqa: E402
+
+PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+COLORS = {
+    "A": "tab:red",
+    "B": "tab:green",
+    "G": "tab:blue",
+    "I": "tab:purple",
+    "K": "tab:cyan",
+    "J": "tab:orange",
+}
+NAMES = {
+    "A": "A window-only",
+    "B": "B StreamingLLM",
+    "G": "G confidence",
+    "I": "I inverse",
+    "J": "J small-gathering",
+    "K": "K uniform-aware",
+}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write atomically, then close the figure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
+    return path
+
+
+def _family(rows: list[dict], fam: str) -> list[dict]:
+    return sorted((r for r in rows if r["family"] == fam), key=lambda r: r["eff_ctx"])
+
+
+def _full_line(ax: plt.Axes, rows: list[dict]) -> None:
+    full = [r for r in rows if r["name"] == "full"]
+    if full:
+        ax.axhline(
+            full[0]["ppl"], color="grey", ls="--", lw=1, label=f"full attention ({full[0]['ppl']:.2f})"
+        )
+
+
+def _b_curve(ax: plt.Axes, rows: list[dict], label: str = "B StreamingLLM") -> None:
+    b = frontier(rows)
+    ax.plot([r["eff_ctx"] for r in b], [r["ppl"] for r in b], "o-", color=COLORS["B"], label=label, zorder=3)
+
+
+def fig_ppl_vs_ctx(rows: list[dict], ax: plt.Axes) -> None:
+    for fam in ("A", "B", "G", "I", "J", "K"):
+        rs = _family(rows, fam)
+        if rs:
+            style = "o-" if fam in ("A", "B") else "o"
+            ax.plot(
+                [r["eff_ctx"] for r in rs],
+                [r["ppl"] for r in rs],
+                style,
+                color=COLORS[fam],
+                label=NAMES[fam],
+                alpha=0.85,
+            )
+    _full_line(ax, rows)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="Eff.Ctx (sink + mean window)",
+        ylabel="perplexity",
+        title="PPL vs effective context, all families",
+    )
+
+
+def fig_sink(rows: list[dict], axes: Any) -> None:
+    a = {r["eff_ctx"]: r for r in _family(rows, "A")}
+    b = {r["eff_ctx"]: r for r in _family(rows, "B")}
+    both = sorted(set(a) & set(b))
+    for rs, fam in ((a, "A"), (b, "B")):
+        xs = sorted(rs)
+        axes[0].errorbar(
+            xs,
+            [rs[x]["ppl"] for x in xs],
+            yerr=_yerr([rs[x] for x in xs]),
+            fmt="o-",
+            color=COLORS[fam],
+            label=NAMES[fam] + (" (sink 4)" if fam == "B" else " (no sink)"),
+        )
+    _full_line(axes[0], rows)
+    axes[0].set(xscale="log", xlabel="Eff.Ctx", ylabel="perplexity", title="Sinks: A vs B")
+    rise = [100 * (a[x]["ppl"] / b[x]["ppl"] - 1) for x in both]
+    axes[1].bar([str(int(x)) for x in both], rise, color=COLORS["A"])
+    for i, v in enumerate(rise):
+        axes[1].annotate(f"{v:+.0f}%", (i, v), ha="center", va="bottom")
+    axes[1].set(
+        xlabel="Eff.Ctx", ylabel="PPL increase without sinks (%)", title="Cost of dropping the 4 sinks"
+    )
+
+
+def _yerr(rs: list[dict]) -> np.ndarray:
+    return np.array([[r["ppl"] - r["ppl_lo"] for r in rs], [r["ppl_hi"] - r["ppl"] for r in rs]])
+
+
+def _g_params(name: str) -> tuple[float, int]:
+    t, b = name.removeprefix("G_conf").split("_base")
+    return float(t), int(b)
+
+
+def _delta_err(cs: list[dict]) -> np.ndarray:
+    """Asymmetric error bars of the paired 95% interval of delta (zero where there is none)."""
+    lo = [c["delta"] - c["delta_lo"] if np.isfinite(c["delta_lo"]) else 0.0 for c in cs]
+    hi = [c["delta_hi"] - c["delta"] if np.isfinite(c["delta_hi"]) else 0.0 for c in cs]
+    return np.array([lo, hi])
+
+
+def fig_threshold(rows: list[dict], axes: Any, bases: list[int]) -> None:
+    cmp = {c["name"]: c for c in compare_all(rows)}
+    b_rows = {int(r["eff_ctx"]): r for r in _family(rows, "B")}
+    for ax, base in zip(axes, bases, strict=True):
+        rs = sorted(
+            (r for r in _family(rows, "G") if _g_params(r["name"])[1] == base),
+            key=lambda r: _g_params(r["name"])[0],
+        )
+        ts = [_g_params(r["name"])[0] for r in rs]
+        ax.plot(ts, [r["ppl"] for r in rs], "o-", color=COLORS["G"], label="G (this base window)")
+        ax.plot(
+            ts,
+            [cmp[r["name"]]["b_ppl"] for r in rs],
+            "s--",
+            color=COLORS["B"],
+            label="StreamingLLM at the same Eff.Ctx",
+        )
+        ref = b_rows.get(base + 4) or b_rows.get(base)
+        if ref:
+            ax.axhline(ref["ppl"], color=COLORS["B"], lw=1, ls=":", label=f"{ref['name']} ({ref['ppl']:.2f})")
+        twin = ax.twinx()
+        twin.plot(ts, [r["eff_ctx"] for r in rs], "x:", color="grey")
+        twin.set_ylabel("Eff.Ctx of the G row (grey x)", color="grey")
+        ax.set(xlabel="confidence threshold t", ylabel="perplexity", title=f"G_conf{{t}}_base{base}")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+
+
+def fig_best(rows: list[dict], ax: plt.Axes, n: int = 12) -> None:
+    cmps = [c for c in compare_all(rows) if c["family"] not in ("B", "full") and not c["extrapolated"]]
+    best = sorted(cmps, key=lambda c: c["ratio"])[:n][::-1]
+    y = np.arange(len(best))
+    colors = [COLORS.get(c["family"], "grey") for c in best]
+    ax.barh(y, [c["delta"] for c in best], color=colors, alpha=0.85)
+    ax.errorbar([c["delta"] for c in best], y, xerr=_delta_err(best), fmt="none", ecolor="black", capsize=3)
+    ax.axvline(0, color=COLORS["B"], lw=1.5, label="StreamingLLM at the same Eff.Ctx")
+    labels = [f"{c['name']}  (ctx {c['eff_ctx']:.1f}, PPL {c['ppl']:.2f} vs {c['b_ppl']:.2f})" for c in best]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set(
+        xlabel="PPL - StreamingLLM PPL at the same Eff.Ctx (paired 95% CI)",
+        title=f"Best {len(best)} configurations against StreamingLLM at equal context",
+    )
+
+
+def fig_inverse(rows: list[dict], axes: Any) -> None:
+    rs = _family(rows, "I")
+    cmp = {c["name"]: c for c in compare_all(rows)}
+    _b_curve(axes[0], rows)
+    axes[0].plot(
+        [r["eff_ctx"] for r in rs], [r["ppl"] for r in rs], "o", color=COLORS["I"], label="I inverse"
+    )
+    if rs:
+        lo, hi = rs[0]["eff_ctx"], rs[-1]["eff_ctx"]
+        axes[0].set_xlim(lo / 1.3, hi * 1.3)
+        near = [r["ppl"] for r in rs] + [
+            b["ppl"] for b in frontier(rows) if lo / 1.3 <= b["eff_ctx"] <= hi * 1.3
+        ]
+        axes[0].set_ylim(min(near) * 0.98, max(near) * 1.02)
+    axes[0].set(xscale="log", xlabel="Eff.Ctx", ylabel="perplexity", title="I family on the B frontier")
+    cs = [cmp[r["name"]] for r in rs]
+    x = np.arange(len(cs))
+    axes[1].bar(x, [c["delta"] for c in cs], color=COLORS["I"], alpha=0.85)
+    axes[1].errorbar(x, [c["delta"] for c in cs], yerr=_delta_err(cs), fmt="none", ecolor="black", capsize=3)
+    axes[1].axhline(0, color=COLORS["B"], lw=1.5)
+    axes[1].set_xticks(
+        x,
+        [c["name"].removeprefix("I_").replace("_", "\n") + f"\nctx {c['eff_ctx']:.0f}" for c in cs],
+        fontsize=7,
+    )
+    axes[1].set(
+        ylabel="PPL - B(Eff.Ctx)  (paired 95% CI)",
+        title="Inverse experiment: long windows to positional heads",
+    )
+
+
+def fig_frontier(rows: list[dict], axes: Any) -> None:
+    cmps = [c for c in compare_all(rows) if c["family"] != "B"]
+    _b_curve(axes[0], rows, "B frontier (StreamingLLM)")
+    shown = [c for c in cmps if c["family"] != "A"]  # A (no sink) is far off this scale: see sink_importance
+    for c in cmps:
+        axes[0].plot(c["eff_ctx"], c["ppl"], "o", color=COLORS.get(c["family"], "grey"), alpha=0.8)
+    for c in shown:
+        color = COLORS.get(c["family"], "grey")
+        axes[1].errorbar(
+            c["eff_ctx"],
+            100 * (c["ratio"] - 1),
+            yerr=100 * _delta_err([c]) / c["b_ppl"],
+            fmt="o",
+            color=color,
+            alpha=0.8,
+            mfc="none" if c["extrapolated"] else color,
+            capsize=2,
+        )
+    for fam in sorted({c["family"] for c in cmps}):
+        axes[1].plot([], [], "o", color=COLORS.get(fam, "grey"), label=NAMES.get(fam, fam))
+    axes[1].axhline(0, color=COLORS["B"], lw=1.5)
+    worst_a = max((100 * (c["ratio"] - 1) for c in cmps if c["family"] == "A"), default=None)
+    note = f"A (no sink) is off this scale: up to +{worst_a:.0f}%; " if worst_a is not None else ""
+    axes[0].set(xscale="log", yscale="log", ylabel="perplexity", title="The frontier view")
+    axes[1].set(xscale="log", xlabel="Eff.Ctx", ylabel="PPL vs B at the same Eff.Ctx (%, paired 95% CI)")
+    axes[1].legend(
+        fontsize=7, ncol=3, title=note + "open marker: extrapolated beyond the B range", title_fontsize=7
+    )
+
+
+def plot_all(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
+    """Draw the six figures into ``out``; returns their paths."""
+    out = Path(out)
+    rows = [{**r, "family": r.get("family") or r["name"].split("_")[0]} for r in rows]
+    bases = sorted({_g_params(r["name"])[1] for r in rows if r["family"] == "G"})
+    figures: list[tuple[str, tuple, Callable[[Any], None]]] = [
+        ("ppl_vs_ctx", (1, 1, (8, 5.5)), lambda ax: fig_ppl_vs_ctx(rows, ax)),
+        ("sink_importance", (1, 2, (12, 4.5)), lambda ax: fig_sink(rows, ax)),
+        (
+            "confidence_threshold",
+            (1, max(len(bases), 1), (6 * max(len(bases), 1), 4.5)),
+            lambda ax: fig_threshold(rows, np.atleast_1d(ax), bases),
+        ),
+        ("best_configs", (1, 1, (9, 6)), lambda ax: fig_best(rows, ax)),
+        ("inverse", (1, 2, (13, 5)), lambda ax: fig_inverse(rows, ax)),
+        ("frontier", (2, 1, (9, 8)), lambda ax: fig_frontier(rows, ax)),
+    ]
+    paths = []
+    for name, (nr, nc, size), draw in figures:
+        fig, ax = plt.subplots(nr, nc, figsize=size, squeeze=True, layout="constrained")
+        draw(ax)
+        for a in np.atleast_1d(ax):
+            a.grid(True, which="both", alpha=0.3)
+            if a.get_yscale() == "log":  # plain numbers, not 9.8 x 10^1
+                a.yaxis.set_major_formatter(PLAIN)
+                a.yaxis.set_minor_formatter(PLAIN)
+            if a.get_xscale() == "log":  # contexts are powers of two: tick them so
+                a.xaxis.set_major_locator(LogLocator(base=2))
+                a.xaxis.set_major_formatter(PLAIN)
+                a.xaxis.set_minor_formatter(NullFormatter())
+            if a.get_legend() is None and a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=8)
+        paths.append(_save(fig, out / f"{name}.png"))
+    return paths

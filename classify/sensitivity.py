@@ -1,0 +1,98 @@
+"""Validate a classifier against the model itself: per-KV-head sensitivity to a small window.
+
+A KV head's sensitivity is the mean KL divergence (nats per predicted token) from the full-attention
+model's next-token distribution to the distribution of the same model in which **only that head** is cut to
+``sink + window`` (every other head keeps full attention). Spearman's rank correlation between a classifier
+score and the sensitivity says whether the classifier ranks heads by what cutting them costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from alloc.allocation import Allocation
+from models.attention import windowed
+from models.loading import model_shape
+
+
+def _kl(logp_full: torch.Tensor, logits: torch.Tensor) -> float:
+    """Sum over positions of KL(full || cut); both (T, V)."""
+    logq = logits.float().log_softmax(-1)
+    return float((logp_full.exp() * (logp_full - logq)).sum())
+
+
+def one_head_cut(shape: Any, layer: int, head: int, sink: int, window: int, seq_len: int) -> Allocation:
+    """Full attention everywhere except (layer, head), which keeps ``[0, sink) U (t - window, t]``."""
+    s = torch.zeros(shape.shape, dtype=torch.long)
+    w = torch.full(shape.shape, seq_len, dtype=torch.long)
+    s[layer, head], w[layer, head] = sink, window
+    return Allocation.from_tensors(
+        s, w, model_id=shape.model_id, q_per_kv=shape.q_per_kv, meta={"policy": f"cut_L{layer}_H{head}"}
+    )
+
+
+@torch.no_grad()
+def head_sensitivity(
+    model: Any,
+    blocks: torch.Tensor,
+    sink: int = 4,
+    window: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Mean KL per token (L, KV) when each KV head alone is cut to (sink, window)."""
+    shape = model_shape(model)
+    n_layers, n_heads = shape.shape
+    kl = np.zeros(shape.shape)
+    total, done = len(blocks) * n_layers * n_heads, 0
+    for block in blocks:
+        x = block.unsqueeze(0).to(model.device)
+        logp_full = model(x).logits[0].float().log_softmax(-1)  # (T, V)
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                cut = one_head_cut(shape, layer, head, sink, window, blocks.shape[1])
+                with windowed(model, cut):
+                    kl[layer, head] += _kl(logp_full, model(x).logits[0])
+                done += 1
+                if progress:
+                    progress(done, total)
+    return kl / blocks.numel()
+
+
+def rank_report(profile: Any, sensitivity: np.ndarray) -> dict[str, dict[str, float]]:
+    """Spearman rho (and p) of sensitivity against the profile's score and every raw KV-head statistic,
+    plus the score recomputed under the other GQA rule."""
+    from classify.profile import ClassifierRule, from_stats
+
+    sens = np.asarray(sensitivity).ravel()
+    columns = {"score": profile.score}
+    columns.update({f"stat:{k}": v for k, v in profile.stats.items()})
+    rule = ClassifierRule(**profile.meta["rule"]) if "rule" in profile.meta else None
+    if rule is not None and profile.query_stats:
+        other = replace(rule, gqa="mean" if rule.gqa == "max" else "max")
+        q = {k: np.asarray(v) for k, v in profile.query_stats.items()}
+        columns[f"score_gqa_{other.gqa}"] = from_stats(q, other, profile.model_id, profile.q_per_kv).score
+    out = {}
+    for name, v in columns.items():
+        rho, p = spearmanr(np.asarray(v, dtype=float).ravel(), sens)
+        out[name] = {"rho": float(rho), "p": float(p)}
+    return out
+
+
+def class_sensitivity(profile: Any, sensitivity: np.ndarray) -> dict[str, dict[str, float]]:
+    """Mean and median sensitivity per class: do the classes order heads by what cutting them costs?"""
+    labels = np.asarray(profile.labels, dtype=object)
+    sens = np.asarray(sensitivity)
+    return {
+        k: {
+            "n": int((labels == k).sum()),
+            "mean": float(sens[labels == k].mean()),
+            "median": float(np.median(sens[labels == k])),
+        }
+        for k in ("positional", "mixed", "gathering")
+        if (labels == k).any()
+    }
