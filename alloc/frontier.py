@@ -45,9 +45,35 @@ def interpolate(ctx: float, xs: list[float], ys: list[float]) -> tuple[float, bo
 
 
 def _boot_ppl(row: dict[str, Any], idx: np.ndarray) -> np.ndarray:
-    nll = np.asarray(row["chunk_nll"])[idx].sum(1)
-    cnt = np.asarray(row["chunk_tokens"], dtype=float)[idx].sum(1)
+    nll = np.asarray(row["chunk_nll"])[idx].sum(-1)
+    cnt = np.asarray(row["chunk_tokens"], dtype=float)[idx].sum(-1)
     return np.exp(nll / cnt)  # (N_BOOT,)
+
+
+def equal_quality_ctx(ppl: np.ndarray, ctx: np.ndarray, front: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eff.Ctx where the frontier reaches ``ppl`` (vectorised over a leading bootstrap axis).
+
+    ctx: (P,) increasing Eff.Ctx of the B rows; front: (..., P) their PPLs; ppl: (...,) targets.
+    Log-linear inverse interpolation on the segment that brackets the target, else the nearest end segment.
+    Returns (ctx (...,), extrapolated (...,) bool).
+    """
+    logc = np.log(ctx)
+    best, worst = front[..., -1], front[..., 0]
+    # segment index: first i with front[i + 1] <= ppl (the frontier falls with context)
+    below = front[..., 1:] <= ppl[..., None]  # (..., P-1)
+    i = np.where(below.any(-1), below.argmax(-1), len(ctx) - 2)
+    i = np.where(ppl >= worst, 0, i)
+    y0 = np.take_along_axis(front, i[..., None], -1)[..., 0]
+    y1 = np.take_along_axis(front, i[..., None] + 1, -1)[..., 0]
+    f = (y0 - ppl) / (y0 - y1)
+    return np.exp(logc[i] + f * (logc[i + 1] - logc[i])), (ppl < best) | (ppl > worst)
+
+
+def saving_factor(row: dict[str, Any], front: list[dict[str, Any]]) -> tuple[float, bool]:
+    """KV saving at equal quality: the B Eff.Ctx that reaches the row's PPL, divided by the row's Eff.Ctx."""
+    xs = np.asarray([b["eff_ctx"] for b in front], dtype=float)
+    c, extra = equal_quality_ctx(np.asarray(row["ppl"]), xs, np.asarray([b["ppl"] for b in front]))
+    return float(c) / row["eff_ctx"], bool(extra)
 
 
 def compare(row: dict[str, Any], front: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
@@ -62,6 +88,7 @@ def compare(row: dict[str, Any], front: list[dict[str, Any]], seed: int = 0) -> 
         "b_ppl": ref,
         "delta": row["ppl"] - ref,
         "ratio": row["ppl"] / ref,
+        "saving": saving_factor(row, front)[0],
         "extrapolated": extra,
         "delta_lo": float("nan"),
         "delta_hi": float("nan"),

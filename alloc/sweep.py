@@ -83,10 +83,13 @@ def run_sweep(
     out: str | Path,
     info: dict[str, Any],
     progress: Callable[[str, int, int], None] | None = None,
+    files: list[tuple[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Evaluate every configuration not yet in ``out``; return all rows of this sweep (old and new), in
-    ``names`` order."""
-    jobs = plan(names, ctx)
+    ``names`` order. ``files`` are (name, Allocation) pairs loaded from allocation files (learned ones,
+    say): they run after the named policies and join the same table."""
+    jobs = plan(names, ctx) + list(files)
+    names = [name for name, _ in jobs]
     key = sweep_key(info)
     done = finished(out, key)
     todo = [(name, alloc) for name, alloc in jobs if (name, _digest(alloc)) not in done]

@@ -1,0 +1,153 @@
+"""Learnable per-(layer, KV head) windows under an average-context budget, and their export.
+
+Parameterization (budget by construction): every (layer, KV head) has a free logit ``z``; its window is
+
+    w = 1 + (cap - 1) * sigmoid(z + b)
+
+where ``cap`` is the training sequence length and the scalar shift ``b`` is solved (bisection, float64)
+so that the mean window is exactly ``budget - sink``. So at every step the mean Eff.Ctx (sink + mean
+window) equals the budget, every window lies in [1, cap], and ``z = 0`` (the start) is StreamingLLM
+(every head gets ``budget - sink``). Gradients flow through ``b`` by the implicit-function theorem
+(``db/dz_i = -s'_i / sum_j s'_j``), so an update can only move window from one head to another. Exporting
+at a different budget re-solves ``b`` for the same logits: no retraining.
+
+The soft mask is :func:`alloc.window.soft_bias` (the one definition of window semantics); ``SoftMask``
+just feeds it the current windows and temperature through the mask-provider protocol of
+:func:`models.attention.windowed`. As ``tau -> 0`` it equals the hard mask of the exported allocation.
+
+Export rounds the windows to integers with the budget repaired exactly (largest remainder): the integer
+windows sum to ``floor(n_heads * (budget - sink))``, so mean Eff.Ctx <= budget and as close as rounding
+allows (equal whenever ``n_heads * (budget - sink)`` is an integer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from alloc import window as win
+from alloc.allocation import Allocation
+
+
+class GateError(ValueError):
+    """Gates that cannot be built or exported as asked (e.g. an infeasible budget)."""
+
+
+def check_budget(budget: float, sink: int, cap: int) -> None:
+    """A budget is feasible when every head can keep its sinks plus at least one recent token, and the
+    mean context does not exceed the sequence length."""
+    if not math.isfinite(budget) or budget < sink + 1 or budget > cap:
+        raise GateError(
+            f"budget {budget:g} is infeasible: with sink {sink} and sequence length {cap} it must lie in "
+            f"[{sink + 1}, {cap}]"
+        )
+
+
+def solve_shift(z: torch.Tensor, mean_window: float, cap: int, iters: int = 100) -> torch.Tensor:
+    """The scalar b with mean(1 + (cap - 1) * sigmoid(z + b)) == mean_window (bisection in float64)."""
+    z = z.detach().double().flatten()
+    target = (mean_window - 1.0) / (cap - 1)  # mean sigmoid we need, in [0, 1]
+    if target <= 0.0:
+        return torch.tensor(-1e4, dtype=torch.float64)
+    if target >= 1.0:
+        return torch.tensor(1e4, dtype=torch.float64)
+    lo, hi = -float(z.max()) - 60.0, -float(z.min()) + 60.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float(torch.sigmoid(z + mid).mean()) < target:
+            lo = mid
+        else:
+            hi = mid
+    return torch.tensor(0.5 * (lo + hi), dtype=torch.float64)
+
+
+def budget_windows(z: torch.Tensor, mean_window: float, cap: int) -> torch.Tensor:
+    """Float windows (same shape as z) with the exact mean ``mean_window``, differentiable in z."""
+    b_star = solve_shift(z, mean_window, cap).to(z.device)
+    zd = z.double()
+    with torch.no_grad():
+        s = torch.sigmoid(zd + b_star)
+        slope = s * (1 - s)  # d sigmoid / d(z + b), (L, H)
+    # value b*, gradient -sum_j slope_j dz_j / sum_j slope_j (implicit function theorem)
+    b = b_star - (slope * (zd - zd.detach())).sum() / slope.sum().clamp_min(1e-300)
+    w = 1.0 + (cap - 1) * torch.sigmoid(zd + b)
+    return w.to(z.dtype)
+
+
+def round_to_budget(windows: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Integer windows in [1, cap] summing to ``total`` (<= windows.sum()): floor, then +1 to the largest
+    fractional parts."""
+    w = windows.detach().double().clamp(1, cap)
+    base = w.floor()
+    need = total - int(base.sum())
+    if need < 0 or need > int((base < cap).sum()):
+        raise GateError(f"cannot round windows summing to {float(w.sum()):.3f} to an integer total {total}")
+    frac = torch.where(base < cap, w - base, torch.full_like(w, -1.0)).flatten()
+    if need:
+        base.view(-1)[torch.topk(frac, need).indices] += 1
+    return base.long()
+
+
+@dataclass
+class SoftMask:
+    """A mask provider for ``models.attention.windowed``: the soft gate at one temperature."""
+
+    sink: torch.Tensor  # (L, H) long
+    window: torch.Tensor  # (L, H) float, may require grad
+    tau: float
+
+    def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return win.soft_bias(q_pos, k_pos, self.sink[layer], self.window[layer], self.tau)  # (H, Q, K)
+
+
+class WindowGates(nn.Module):
+    """One learnable window per (layer, KV head), sinks fixed, mean Eff.Ctx == budget by construction."""
+
+    def __init__(self, shape: tuple[int, int], budget: float, seq_len: int, sink: int = 4) -> None:
+        super().__init__()
+        if sink < 0:
+            raise GateError(f"sink must be >= 0, got {sink}")
+        check_budget(budget, sink, seq_len)
+        self.shape = tuple(shape)
+        self.budget = float(budget)
+        self.seq_len = int(seq_len)
+        self.sink_count = int(sink)
+        self.logits = nn.Parameter(torch.zeros(shape))  # uniform start = StreamingLLM
+        self.register_buffer("sink", torch.full(shape, sink, dtype=torch.long), persistent=False)
+
+    def windows(self, budget: float | None = None) -> torch.Tensor:
+        """Float windows (L, H) in [1, seq_len], mean = budget - sink; differentiable in the logits."""
+        budget = self.budget if budget is None else float(budget)
+        check_budget(budget, self.sink_count, self.seq_len)
+        return budget_windows(self.logits, budget - self.sink_count, self.seq_len)
+
+    def eff_ctx(self) -> float:
+        return float(self.sink.double().mean() + self.windows().detach().double().mean())
+
+    def mask(self, tau: float) -> SoftMask:
+        """The soft mask at temperature ``tau`` (windows computed once for all layers)."""
+        return SoftMask(self.sink, self.windows(), float(tau))
+
+    def export(
+        self, budget: float | None = None, model_id: str = "", q_per_kv: int = 1, **meta: Any
+    ) -> Allocation:
+        """Integer windows, mean Eff.Ctx <= budget, as close as rounding allows."""
+        budget = self.budget if budget is None else float(budget)
+        with torch.no_grad():
+            w = self.windows(budget).cpu()
+        total = math.floor(w.numel() * (budget - self.sink_count) + 1e-6)
+        windows = round_to_budget(w, total, self.seq_len)
+        meta = {
+            "policy": f"learned_b{budget:g}",
+            "budget": budget,
+            "sink": self.sink_count,
+            "seq_len": self.seq_len,
+            **meta,
+        }
+        return Allocation.from_tensors(
+            self.sink.cpu(), windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta
+        )

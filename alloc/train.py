@@ -1,0 +1,538 @@
+"""Learn per-head windows on a frozen model: a thin LightningModule + DataModule around ``WindowGates``.
+
+Objective (default ``kl``): KL(teacher || student) per next-token distribution, where the teacher is the
+same frozen model with full attention (outside ``windowed``; no grad, computed once per block: every
+training block is distinct by default) and the student is that model under the gates' soft mask.
+``ce`` trains on the language-model loss instead. Only the gate logits are parameters of the module: the
+frozen model is held outside the module tree, so checkpoints (and DDP) see the gates only.
+
+Data: blocks of the corpus's TRAIN split (``token_blocks(split="train")``). A few of them, spread over
+the split and disjoint from the training blocks, are held out for the periodic hard-export evaluation;
+the eval split is never read here.
+
+Logging: loss, tau, Eff.Ctx and its violation of the budget, per-layer window statistics, a window
+heatmap (layer x KV head) and the held-out perplexity of the exported allocation; to wandb (online,
+offline, or disabled) and always to a CSV file in the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from alloc.allocation import Allocation
+from alloc.gates import GateError, WindowGates, check_budget
+from models.attention import windowed
+from models.loading import model_shape
+
+log = logging.getLogger(__name__)
+CKPT_KEY = "headkv"
+CKPT_VERSION = 1
+
+
+class TrainError(ValueError):
+    """A training run or checkpoint that cannot be used as asked, said in one line."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the keys of configs/train.yaml)."""
+
+    model: str = "smollm2-135m"  # hub name, local model dir, or the offline default
+    corpus: str = "austen"  # training text: its TRAIN split only
+    budget: float | None = None  # mean Eff.Ctx (sink + mean window); required
+    sink: int = 4  # fixed sink tokens of every head
+    seq_len: int = 1024  # tokens per training block; also the largest window
+    batch_size: int = 1  # blocks per device per step
+    max_steps: int = 50
+    lr: float = 0.1  # Adam on the gate logits
+    tau_start: float = 8.0  # soft-edge temperature at step 0 ...
+    tau_end: float = 0.5  # ... and at the last step
+    tau_schedule: str = "exp"  # exp | linear | const
+    objective: str = "kl"  # kl (distil full attention) | ce (language-model loss)
+    n_blocks: int = 0  # training blocks; 0 = max_steps x global batch (every block seen once)
+    val_blocks: int = 2  # held-out TRAIN-split blocks for the hard-export evaluation; 0 = none
+    eval_every: int = 10  # steps between hard-export evaluations (and heatmaps)
+    log_every: int = 5
+    ckpt_every: int = 10
+    precision: str = "32-true"
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    threads: int = 0  # torch threads per process; 0 = torch's default
+    wandb_mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    wandb_project: str = "headkv"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainError(f"unknown config key(s): {', '.join(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.budget is None:
+            raise TrainError("missing config key 'budget' (pass --budget or set it in the config)")
+        choices = {
+            "tau_schedule": ("exp", "linear", "const"),
+            "objective": ("kl", "ce"),
+            "wandb_mode": ("auto", "online", "offline", "disabled"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise TrainError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        for key in ("seq_len", "batch_size", "max_steps", "devices", "eval_every", "log_every", "ckpt_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise TrainError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not (self.tau_start > 0 and self.tau_end > 0 and self.lr > 0):
+            raise TrainError("tau_start, tau_end and lr must be positive")
+        try:
+            check_budget(float(self.budget), self.sink, self.seq_len)
+        except GateError as e:
+            raise TrainError(str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tau_at(cfg: TrainConfig, step: int) -> float:
+    """The soft-edge temperature at a step: annealed from tau_start to tau_end over max_steps."""
+    frac = min(step / max(cfg.max_steps - 1, 1), 1.0)
+    if cfg.tau_schedule == "const":
+        return cfg.tau_start
+    if cfg.tau_schedule == "linear":
+        return cfg.tau_start + frac * (cfg.tau_end - cfg.tau_start)
+    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac
+
+
+def _student_sdpa(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA the memory-efficient SDPA kernel fails in backward with a float bias that requires grad
+    ("LSE is not correctly aligned", torch 2.11, H200), so the student uses the math kernel there."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def distill_loss(
+    lm: Any, gates: WindowGates, tokens: torch.Tensor, tau: float, objective: str = "kl"
+) -> torch.Tensor:
+    """Mean per-token loss of the gated model on ``tokens`` (B, T); gradients reach the gates only."""
+    if objective == "kl":
+        with torch.no_grad():  # the teacher: the same frozen model, full attention
+            teacher = F.log_softmax(lm(tokens).logits.float(), dim=-1)  # (B, T, V)
+    with windowed(lm, gates.mask(tau)), _student_sdpa(tokens.device):
+        logits = lm(tokens).logits.float()  # (B, T, V)
+    if objective == "ce":
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    student = F.log_softmax(logits, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum") / (tokens.shape[0] * tokens.shape[1])
+
+
+class _Blocks(Dataset):
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
+
+
+class TrainBlocks(L.LightningDataModule):
+    """Token blocks of the corpus's TRAIN split; a spread-out few are held out for validation.
+
+    Training order is a seeded permutation, read sequentially (rank r of a DDP run takes blocks r, r + n,
+    ...), so global batch k is the same blocks whatever the number of processes, and a resumed run
+    continues at the first block it has not seen.
+    """
+
+    def __init__(self, tokenizer: Any, cfg: TrainConfig, world_size: int = 1) -> None:
+        super().__init__()
+        self.tokenizer, self.cfg, self.world_size = tokenizer, cfg, world_size
+        self.train: torch.Tensor | None = None
+        self.val: torch.Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        from models.corpus import token_blocks
+
+        cfg = self.cfg
+        n_train = cfg.n_blocks or cfg.max_steps * cfg.batch_size * self.world_size
+        blocks = token_blocks(
+            self.tokenizer,
+            cfg.corpus,
+            split="train",
+            seq_len=cfg.seq_len,
+            n_blocks=n_train + cfg.val_blocks,
+            seed=cfg.seed,
+        )
+        n = len(blocks)
+        held = {int((i + 0.5) * n / cfg.val_blocks) for i in range(cfg.val_blocks)}
+        self.val = blocks[sorted(held)]
+        train = blocks[[i for i in range(n) if i not in held]]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+        self.train = train[order]
+
+    def train_dataloader(self) -> DataLoader:
+        # A resumed run restarts the epoch at the restored batch index without skipping data, so rotate the
+        # order to begin at the next unseen block (reloaded every epoch; the offset is 0 on a fresh epoch).
+        seen = self.trainer.global_step * self.cfg.batch_size * self.world_size if self.trainer else 0
+        data = _Blocks(self.train.roll(-(seen % len(self.train)), dims=0))
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:  # Lightning's own would shuffle
+            sampler = DistributedSampler(
+                data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(data, batch_size=self.cfg.batch_size, shuffle=False, sampler=sampler)
+
+
+class GateModule(L.LightningModule):
+    """The gates (the only parameters) around a frozen model held outside the module tree."""
+
+    def __init__(
+        self, lm: Any, cfg: TrainConfig, run_id: str, val_blocks: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        shape = model_shape(lm)
+        self.cfg, self.run_id, self.model_shape = cfg, run_id, shape
+        object.__setattr__(self, "lm", lm)  # not a submodule: never checkpointed, never wrapped by DDP
+        self.gates = WindowGates(shape.shape, float(cfg.budget), cfg.seq_len, cfg.sink)
+        self.val_blocks = val_blocks
+        self.history: list[dict[str, float]] = []
+
+    def on_fit_start(self) -> None:
+        self.lm.to(self.device)
+        if self.global_step == 0:
+            self._hard_eval()  # step 0 is StreamingLLM at the budget: the reference the run must beat
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        tau = tau_at(self.cfg, self.global_step)
+        loss = distill_loss(self.lm, self.gates, batch, tau, self.cfg.objective)
+        eff = self.gates.eff_ctx()
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/tau": tau,
+                "budget/eff_ctx": eff,
+                "budget/violation": eff - self.gates.budget,
+            },
+            prog_bar=True,
+            batch_size=batch.shape[0],
+        )
+        if self.global_step % self.cfg.log_every == 0:
+            self._log_windows()
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % self.cfg.eval_every == 0 or self.global_step >= self.cfg.max_steps:
+            self._hard_eval()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.gates.parameters(), lr=self.cfg.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CKPT_KEY] = run_meta(self.cfg, self.model_shape, self.run_id)
+
+    def export(self, budget: float | None = None) -> Allocation:
+        return self.gates.export(
+            budget,
+            model_id=self.model_shape.model_id,
+            q_per_kv=self.model_shape.q_per_kv,
+            model=self.cfg.model,
+            steps=int(self.global_step),
+            run_id=self.run_id,
+            objective=self.cfg.objective,
+            corpus=self.cfg.corpus,
+        )
+
+    def _log_windows(self) -> None:
+        w = self.gates.windows().detach()  # (L, H)
+        stats = {f"windows/layer{i:02d}_mean": float(row.mean()) for i, row in enumerate(w)}
+        stats.update({f"windows/layer{i:02d}_max": float(row.max()) for i, row in enumerate(w)})
+        stats.update(
+            {
+                "windows/min": float(w.min()),
+                "windows/median": float(w.median()),
+                "windows/max": float(w.max()),
+            }
+        )
+        self.log_dict(stats, batch_size=1)
+
+    def _hard_eval(self) -> None:
+        """Export at the budget and score the held-out TRAIN-split blocks with the one evaluator."""
+        if self.val_blocks is None or not len(self.val_blocks) or not self.trainer.is_global_zero:
+            return
+        from alloc.evaluate import evaluate
+
+        alloc = self.export()
+        res = evaluate(self.lm, alloc, self.val_blocks)
+        row = {"step": int(self.global_step), "val/ppl": res.ppl, "val/eff_ctx": res.eff_ctx}
+        self.history.append(row)
+        log.info("step %d: held-out PPL %.3f at Eff.Ctx %.2f", row["step"], res.ppl, res.eff_ctx)
+        for logger in self.loggers:
+            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        log_heatmap(self.loggers, alloc, self.trainer.default_root_dir, row["step"])
+
+
+def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
+    return {
+        "version": CKPT_VERSION,
+        "config": cfg.to_dict(),
+        "run_id": run_id,
+        "model_id": shape.model_id,
+        "shape": list(shape.shape),
+        "q_per_kv": shape.q_per_kv,
+    }
+
+
+def new_run_id(budget: float) -> str:
+    """A run id shared by every DDP process of one run (children inherit it through the environment)."""
+    return os.environ.setdefault(
+        "HEADKV_RUN_ID", f"b{budget:g}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    )
+
+
+def heatmap_png(alloc: Allocation, path: str | Path, title: str = "") -> Path:
+    """Window heatmap (layer x KV head), log colour scale, each cell annotated with its window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    _, w = alloc.tensors()
+    n_layers, n_heads = w.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_heads, 1.2 + 0.26 * n_layers))
+    im = ax.imshow(w.numpy(), aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(int(w.max()), 2)))
+    for i in range(n_layers):
+        for j in range(n_heads):
+            v = int(w[i, j])
+            colour = "w" if v < w.max() ** 0.5 else "k"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color=colour)
+    ax.set(xlabel="KV head", ylabel="layer", title=title or alloc.name, xticks=range(n_heads))
+    fig.colorbar(im, ax=ax, label="window (tokens)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: int) -> Path:
+    path = heatmap_png(
+        alloc, Path(root) / "heatmap.png", f"{alloc.name} step {step}: Eff.Ctx {alloc.eff_ctx():.2f}"
+    )
+    for logger in loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key="windows/heatmap", images=[str(path)], step=step)
+    return path
+
+
+def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(run meta, gate state) of a training checkpoint, or one clear TrainError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise TrainError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # a torn or foreign file: say so in one line
+        raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise TrainError(f"{path} is not a headkv training checkpoint")
+    meta = ckpt[CKPT_KEY]
+    missing = [k for k in ("config", "run_id", "model_id", "shape", "q_per_kv") if k not in meta]
+    if missing:
+        raise TrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    meta = {**meta, "path": str(path), "global_step": int(ckpt.get("global_step", 0))}
+    return meta, ckpt["state_dict"]
+
+
+def check_same_model(meta: dict[str, Any], shape: Any) -> None:
+    if list(meta["shape"]) != list(shape.shape) or meta["q_per_kv"] != shape.q_per_kv:
+        raise TrainError(
+            f"checkpoint {meta['path']} is from model '{meta['model_id']}' "
+            f"({meta['shape'][0]}x{meta['shape'][1]} KV heads), not '{shape.model_id}' "
+            f"({shape.n_layers}x{shape.n_kv_heads})"
+        )
+
+
+def export_checkpoint(path: str | Path, budget: float | None = None, model_shape_: Any = None) -> Allocation:
+    """Export a checkpoint's gates at ``budget`` (default: the training budget) without the model."""
+    meta, state = load_checkpoint_meta(path)
+    if model_shape_ is not None:
+        check_same_model(meta, model_shape_)
+    cfg = TrainConfig.from_dict(meta["config"])
+    budget = float(cfg.budget if budget is None else budget)
+    gates = WindowGates(tuple(meta["shape"]), float(cfg.budget), cfg.seq_len, cfg.sink)
+    gates.load_state_dict({"logits": state["gates.logits"]})
+    return gates.export(
+        budget,
+        model_id=meta["model_id"],
+        q_per_kv=meta["q_per_kv"],
+        model=cfg.model,
+        steps=meta["global_step"],
+        run_id=meta["run_id"],
+        objective=cfg.objective,
+        corpus=cfg.corpus,
+        trained_budget=cfg.budget,
+        checkpoint=meta["path"],
+    )
+
+
+def make_loggers(cfg: TrainConfig, run_dir: Path, run_id: str, csv_version: str = "") -> list[Any]:
+    """CSV always (a resumed run writes a new file beside the old one); wandb unless disabled.
+    Online without a reachable server falls back to offline."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(run_dir, name="csv", version=csv_version)]
+    mode = cfg.wandb_mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode == "disabled":
+        return loggers
+    kw = dict(
+        project=cfg.wandb_project,
+        name=run_id,
+        id=run_id,
+        save_dir=str(run_dir),
+        resume="allow",
+        config=cfg.to_dict(),
+    )
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if mode == "online":
+        wl = _wandb_logger("online", kw)
+        if wl is not None:
+            return [*loggers, wl]
+        log.warning("wandb cannot reach its server: logging offline instead (`wandb sync` later)")
+    wl = _wandb_logger("offline", kw)
+    return [*loggers, wl] if wl is not None else loggers
+
+
+def _wandb_logger(mode: str, kw: dict[str, Any]) -> Any:
+    """A started WandbLogger, or None (after cleaning up) if wandb cannot start: a run never fails for it."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    try:
+        settings = wandb.Settings(init_timeout=60) if mode == "online" else None
+        wl = WandbLogger(mode=mode, settings=settings, **kw)
+        _ = wl.experiment  # start now, so a dead server is found here and not mid-run
+        return wl
+    except Exception as e:
+        log.warning("wandb %s failed: %s", mode, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        try:
+            wandb.teardown()  # the failed run keeps its id reserved in wandb's service otherwise
+        except Exception:
+            pass
+        return None
+
+
+def log_artifact(loggers: list[Any], path: Path, alloc: Allocation) -> None:
+    """Store the exported allocation as a wandb artifact (offline runs keep it for a later sync)."""
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        try:
+            import wandb
+
+            art = wandb.Artifact(
+                f"allocation-{alloc.meta.get('run_id', 'run')}",
+                type="allocation",
+                metadata={k: v for k, v in alloc.meta.items() if isinstance(v, (int, float, str))},
+            )
+            art.add_file(str(path))
+            logger.experiment.log_artifact(art)
+        except Exception as e:
+            log.warning("could not log the allocation artifact to wandb: %s", str(e).splitlines()[0])
+
+
+def _trainer(cfg: TrainConfig, run_dir: Path, loggers: list[Any], callbacks: list[Any], progress: bool):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step}",
+        save_last=True,
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.ckpt_every,
+        save_top_k=1,
+    )
+    return L.Trainer(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        logger=loggers,
+        callbacks=[ckpt, *callbacks],
+        default_root_dir=str(run_dir),
+        log_every_n_steps=cfg.log_every,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,  # TrainBlocks shards itself, without shuffling
+        reload_dataloaders_every_n_epochs=1,  # so a resumed epoch starts at the next unseen block
+    )
+
+
+def fit(
+    lm: Any,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    run_id: str,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+) -> Allocation | None:
+    """Train the gates and export them; returns the allocation on the main process (None elsewhere).
+
+    Writes ``run_dir/checkpoints/last.ckpt``, ``run_dir/allocation.json`` and ``run_dir/heatmap.png``.
+    """
+    run_dir = Path(run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = TrainBlocks(tokenizer, cfg, world_size=cfg.devices)
+    data.setup()
+    module = GateModule(lm, cfg, run_id, data.val)
+    step = load_checkpoint_meta(resume)[0]["global_step"] if resume else 0
+    # a resumed (or crashed and restarted) run logs to a new CSV beside the old one, never into it
+    fresh = not (run_dir / "csv" / "metrics.csv").exists()
+    csv_version = "" if fresh else f"from-step{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    loggers = make_loggers(cfg, run_dir, run_id, csv_version=csv_version)
+    trainer = _trainer(cfg, run_dir, loggers, list(callbacks or []), progress)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if not trainer.is_global_zero:
+        return None
+    alloc = module.export()
+    path = alloc.save(run_dir / "allocation.json")
+    log_heatmap(loggers, alloc, run_dir, int(module.global_step))
+    log_artifact(loggers, path, alloc)
+    for logger in loggers:
+        logger.finalize("success")
+    return alloc

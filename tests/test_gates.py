@@ -1,0 +1,136 @@
+"""Learnable window gates: soft -> hard agreement, the budget by construction, exact export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from alloc.allocation import Allocation
+from alloc.gates import GateError, SoftMask, WindowGates, budget_windows, round_to_budget
+from alloc.policies import PolicyContext, build
+from models.attention import windowed
+from models.loading import model_shape
+
+SEQ = 64
+
+
+def spread_gates(shape=(3, 5), budget=20.0, seq_len=SEQ, sink=4, scale=3.0, seed=0) -> WindowGates:
+    gates = WindowGates(shape, budget, seq_len, sink)
+    with torch.no_grad():
+        gates.logits.copy_(scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+    return gates
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_soft_mask_becomes_the_hard_mask_as_tau_goes_to_zero(arch):
+    lm = tiny_model(arch)
+    shape = model_shape(lm)
+    alloc = spread_gates(shape.shape, budget=12, seq_len=48).export(
+        q_per_kv=shape.q_per_kv, model_id=shape.model_id
+    )
+    sink, window = alloc.tensors()
+    assert len(set(window.flatten().tolist())) > 1  # heads really differ
+    tokens = torch.randint(0, lm.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), windowed(lm, alloc):
+        hard = lm(tokens).logits
+    errors = []
+    for tau in (4.0, 0.3, 0.02):
+        with torch.no_grad(), windowed(lm, SoftMask(sink, window.float(), tau)):
+            errors.append(float((lm(tokens).logits - hard).abs().max()))
+    with torch.no_grad():
+        full = lm(tokens).logits
+    assert errors[-1] < 1e-4 * float(hard.abs().max())
+    assert errors[0] > errors[-1]  # the soft edge matters at a large tau
+    assert float((full - hard).abs().max()) > 100 * errors[-1]  # and the windows do mask something
+
+
+@pytest.mark.parametrize("budget", [5.0, 6.5, 20.0, 37.25, 63.0, 64.0])
+def test_mean_eff_ctx_equals_the_budget_and_windows_stay_in_range(budget):
+    gates = spread_gates(budget=budget, scale=6.0)
+    w = gates.windows().detach().double()
+    assert abs(gates.sink_count + float(w.mean()) - budget) < 1e-4
+    assert float(w.min()) >= 1.0 and float(w.max()) <= SEQ
+    assert abs(gates.eff_ctx() - budget) < 1e-4
+
+
+def test_uniform_start_is_streaming_llm():
+    ctx = PolicyContext((3, 5), 1, "m")
+    for budget in (16, 33, 64):
+        gates = WindowGates((3, 5), budget, SEQ, sink=4)
+        assert gates.export().window == build(f"B_streaming_{budget}", ctx).window
+
+
+def test_implicit_gradient_matches_finite_differences():
+    gates = spread_gates(budget=20.0)
+    weights = torch.randn(gates.shape, generator=torch.Generator().manual_seed(3)).double()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return (budget_windows(z, 16.0, SEQ).double() ** 2 * weights).sum()
+
+    z = gates.logits.detach().double().clone().requires_grad_(True)
+    f(z).backward()
+    numeric = torch.zeros_like(z)
+    eps = 1e-5
+    for i in range(z.numel()):
+        dz = torch.zeros_like(z).view(-1)
+        dz[i] = eps
+        numeric.view(-1)[i] = (f(z.detach() + dz.view_as(z)) - f(z.detach() - dz.view_as(z))) / (2 * eps)
+    assert torch.allclose(z.grad, numeric, rtol=1e-4, atol=1e-4)
+    assert abs(float(z.grad.sum())) > 0  # not the trivial zero gradient
+
+
+def test_a_training_step_moves_windows_but_keeps_the_budget():
+    gates = WindowGates((3, 5), 20.0, SEQ, sink=4)
+    opt = torch.optim.Adam(gates.parameters(), lr=0.5)
+    target = torch.linspace(1, 40, 15).view(3, 5)
+    for _ in range(5):
+        opt.zero_grad()
+        ((gates.windows() - target) ** 2).mean().backward()
+        opt.step()
+    w = gates.windows().detach()
+    assert float(w.max() - w.min()) > 5
+    assert abs(gates.eff_ctx() - 20.0) < 1e-4
+
+
+@pytest.mark.parametrize("budget", [5.0, 20.0, 20.4, 47.0, 64.0])
+def test_export_is_integer_in_range_and_repairs_the_budget(budget):
+    gates = spread_gates(budget=budget, scale=5.0)
+    alloc = gates.export(model_id="m", q_per_kv=2)
+    _, w = alloc.tensors()
+    n = w.numel()
+    assert int(w.min()) >= 1 and int(w.max()) <= SEQ
+    assert alloc.eff_ctx() <= budget + 1e-9
+    assert alloc.eff_ctx() > budget - 1.0 / n  # as close as integer windows allow
+    if float(n * (budget - 4)).is_integer():
+        assert alloc.eff_ctx() == pytest.approx(budget, abs=1e-9)
+    assert alloc.meta["policy"] == f"learned_b{budget:g}" and alloc.meta["budget"] == budget
+    # rounding keeps the learned order of windows (no head jumps past another by more than one token)
+    soft = gates.windows().detach().flatten()
+    order = torch.argsort(soft)
+    assert bool((w.flatten()[order].diff() >= -1).all())
+    assert Allocation.from_dict(alloc.to_dict()) == alloc
+
+
+def test_export_at_another_budget_re_solves_the_shift():
+    gates = spread_gates(budget=20.0)
+    for budget in (10.0, 40.0):
+        alloc = gates.export(budget)
+        assert alloc.eff_ctx() == pytest.approx(budget)
+    low, high = gates.export(10.0).tensors()[1], gates.export(40.0).tensors()[1]
+    assert bool((high >= low).all())  # the learned ranking of heads is kept
+
+
+@pytest.mark.parametrize("budget", [4.0, 4.9, 64.5, 1000.0, float("nan")])
+def test_infeasible_budget_is_refused(budget):
+    with pytest.raises(GateError, match="infeasible"):
+        WindowGates((3, 5), budget, SEQ, sink=4)
+    gates = WindowGates((3, 5), 20.0, SEQ, sink=4)
+    with pytest.raises(GateError, match="infeasible"):
+        gates.export(budget)
+
+
+def test_round_to_budget_refuses_an_impossible_total():
+    with pytest.raises(GateError):
+        round_to_budget(torch.tensor([2.5, 3.5]), 9, cap=SEQ)
+    assert round_to_budget(torch.tensor([2.5, 3.6]), 6, cap=SEQ).tolist() == [2, 4]

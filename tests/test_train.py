@@ -1,0 +1,254 @@
+"""The Lightning trainer on a tiny model: frozen base, budget held, checkpoint/resume/export round trips,
+the CLI from train to evaluate, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import cli
+from alloc.allocation import Allocation
+from alloc.train import TrainConfig, TrainError, export_checkpoint, fit, load_checkpoint_meta, tau_at
+from models.corpus import load_documents
+from models.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    budget=12,
+    seq_len=32,
+    max_steps=4,
+    val_blocks=1,
+    eval_every=2,
+    log_every=1,
+    ckpt_every=2,
+    lr=0.3,
+    wandb_mode="disabled",
+    threads=1,
+)
+
+
+def make_tiny_dir(path: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, smollm):
+    """A tiny Llama with the offline default's tokenizer (saved as a model dir), and a small text corpus."""
+    root = tmp_path_factory.mktemp("train")
+    tok = AutoTokenizer.from_pretrained(smollm[1].name_or_path)
+    text = "\n\n".join(load_documents("austen", "train")[0].split("\n\n")[:400])
+    (root / "text.txt").write_text(text)
+    return {
+        "model": make_tiny_dir(root / "tiny", tok),
+        "other": make_tiny_dir(root / "other", tok, layers=3),
+        "corpus": str(root / "text.txt"),
+    }
+
+
+@pytest.fixture
+def tiny_lm(assets):
+    return load_model(str(assets["model"]))
+
+
+def config(assets, **kw) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, "model": str(assets["model"]), "corpus": assets["corpus"], **kw})
+
+
+def gate_logits(run_dir: Path) -> torch.Tensor:
+    return load_checkpoint_meta(run_dir)[1]["gates.logits"]
+
+
+def test_training_freezes_the_base_holds_the_budget_and_checkpoints_only_gates(
+    assets, tiny_lm, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    lm, tok = tiny_lm
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    alloc = fit(lm, tok, config(assets, wandb_mode="offline"), tmp_path / "run", "t-offline", progress=False)
+    after = lm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical base weights
+    assert not any(p.requires_grad for p in lm.parameters())
+    meta, state = load_checkpoint_meta(tmp_path / "run")
+    assert list(state) == ["gates.logits"] and meta["global_step"] == 4  # no frozen weights in the checkpoint
+    assert float(state["gates.logits"].abs().max()) > 0  # the gates did learn
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    violations = [abs(float(r["budget/violation"])) for r in rows if r.get("budget/violation")]
+    assert len(violations) == 4 and max(violations) < 1e-3
+    assert [r["step"] for r in rows if r.get("val/ppl")] == ["0", "2", "4"]  # periodic hard-export eval
+    assert Allocation.load(tmp_path / "run" / "allocation.json") == alloc
+    assert alloc.meta["steps"] == 4 and alloc.meta["run_id"] == "t-offline" and alloc.meta["budget"] == 12
+    assert (tmp_path / "run" / "heatmap.png").stat().st_size > 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # wandb offline, under the run dir
+    assert not (tmp_path / "wandb").exists()
+    assert export_checkpoint(tmp_path / "run") == alloc  # export round trip
+
+
+class StopAt(L.Callback):
+    """Interrupt a run after ``step`` optimizer steps, as a killed job would be."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.global_step >= self.step
+
+
+def test_resume_continues_exactly_where_the_run_stopped(assets, tiny_lm, tmp_path):
+    lm, tok = tiny_lm
+    fit(lm, tok, config(assets), tmp_path / "straight", "t-straight", progress=False)
+    fit(lm, tok, config(assets), tmp_path / "split", "t-split", progress=False, callbacks=[StopAt(2)])
+    assert load_checkpoint_meta(tmp_path / "split")[0]["global_step"] == 2
+    fit(
+        lm,
+        tok,
+        config(assets),
+        tmp_path / "split",
+        "t-split",
+        resume=tmp_path / "split/checkpoints/last.ckpt",
+        progress=False,
+    )
+    assert load_checkpoint_meta(tmp_path / "split")[0]["global_step"] == 4
+    assert torch.allclose(gate_logits(tmp_path / "straight"), gate_logits(tmp_path / "split"), atol=1e-6)
+
+
+def test_tau_schedules_anneal_from_start_to_end():
+    for schedule in ("exp", "linear"):
+        cfg = TrainConfig(budget=12, max_steps=11, tau_schedule=schedule)
+        taus = [tau_at(cfg, s) for s in range(11)]
+        assert taus[0] == pytest.approx(8.0) and taus[-1] == pytest.approx(0.5)
+        assert all(a > b for a, b in zip(taus, taus[1:], strict=False))
+    assert tau_at(TrainConfig(budget=12, tau_schedule="const"), 7) == 8.0
+
+
+def test_every_key_of_the_shipped_config_is_a_train_option():
+    values = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())
+    assert set(values) == set(TrainConfig().to_dict()) - {"budget"}
+    assert TrainConfig.from_dict({**values, "budget": 64}).seq_len == values["seq_len"]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["headkv", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
+def test_cli_train_export_evaluate_end_to_end(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "budget"}))
+    common = ["--model", assets["model"], "--corpus", assets["corpus"]]
+    code, out, err = run_cli(
+        monkeypatch, capsys, "train", *common, "--budget", 12, "--config", cfg, "--out-dir", "runs/b12"
+    )
+    assert code == 0, err
+    assert "Eff.Ctx 12.00" in out and (tmp_path / "runs/b12/allocation.json").exists()
+    code, out, err = run_cli(monkeypatch, capsys, "export", "runs/b12", "--budget", 9, "-o", "b9.json")
+    assert code == 0, err
+    b9 = Allocation.load(tmp_path / "b9.json")
+    assert b9.eff_ctx() == pytest.approx(9) and b9.meta["policy"] == "learned_b9"
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        *common,
+        "--allocation",
+        "runs/b12/allocation.json",
+        "--allocation",
+        "b9.json",
+        "--policy",
+        "B_streaming_12",
+        "--tokens",
+        62,
+        "--seq-len",
+        31,
+        "--out",
+        "rows.jsonl",
+    )
+    assert code == 0, err
+    assert "learned_b12" in out and "learned_b9" in out and "B_streaming_12" in out
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("low_budget", "budget 4 is infeasible"),
+        ("high_budget", "budget 40 is infeasible"),
+        ("missing_budget", "missing config key 'budget'"),
+        ("unknown_key", "unknown key(s) windowz"),
+        ("other_model", "with a different model"),
+        ("export_other_model", "is from model"),
+        ("not_a_checkpoint", "cannot read checkpoint"),
+        ("export_budget", "budget 2 is infeasible"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    assets, tmp_path, monkeypatch, capsys, case, message
+):
+    monkeypatch.chdir(tmp_path)
+    fake_run = tmp_path / "fake"
+    (fake_run / "checkpoints").mkdir(parents=True)
+    (fake_run / "checkpoints" / "last.ckpt").write_text("not a checkpoint")
+    (tmp_path / "bad.yaml").write_text("windowz: 3\n")
+    common = [
+        "--model",
+        assets["model"],
+        "--corpus",
+        assets["corpus"],
+        "--seq-len",
+        32,
+        "--wandb-mode",
+        "disabled",
+        "--out-dir",
+        "out",
+    ]
+    args = {
+        "low_budget": ["train", *common, "--budget", 4],
+        "high_budget": ["train", *common, "--budget", 40],
+        "missing_budget": ["train", *common],
+        "unknown_key": ["train", *common, "--budget", 12, "--config", "bad.yaml"],
+        "other_model": ["train", "--model", assets["other"], "--resume", "RUN", "--out-dir", "out"],
+        "export_other_model": ["export", "RUN", "--model", assets["other"], "-o", "out/x.json"],
+        "not_a_checkpoint": ["export", fake_run, "-o", "out/x.json"],
+        "export_budget": ["export", "RUN", "--budget", 2, "-o", "out/x.json"],
+    }[case]
+    if "RUN" in args:
+        run_dir = tmp_path / "trained"
+        lm, tok = load_model(str(assets["model"]))
+        fit(lm, tok, config(assets, max_steps=1), run_dir, "t-bad", progress=False)
+        args = [a if a != "RUN" else run_dir for a in args]
+        capsys.readouterr()
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_config_refuses_unknown_and_invalid_values():
+    with pytest.raises(TrainError, match="unknown config key"):
+        TrainConfig.from_dict({"budget": 64, "windowz": 1})
+    with pytest.raises(TrainError, match="objective"):
+        TrainConfig.from_dict({"budget": 64, "objective": "mse"})
+    with pytest.raises(TrainError, match="infeasible"):
+        TrainConfig.from_dict({"budget": 2048})
