@@ -47,10 +47,10 @@ class ConfigError(ValueError):
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from alloc.allocation import AllocationError
-    from classify.profile import ProfileError
-    from models.corpus import CorpusError
     from alloc.gates import GateError
     from alloc.train import TrainError
+    from classify.profile import ProfileError
+    from models.corpus import CorpusError
     from models.kv_cache import DeployError
     from models.loading import ModelLoadError
 
@@ -320,6 +320,7 @@ SWEEP_DEFAULTS = {
     "dtype": None,
     "out": "results/ablation.jsonl",
     "grid": {"full": None},
+    "allocations": [],
 }
 
 
@@ -327,7 +328,7 @@ def _print_comparison(rows: list[dict[str, Any]]) -> None:
     from alloc.frontier import compare_all, verdict
 
     typer.echo(f"{'configuration':24s} {'Eff.Ctx':>8s} {'PPL':>8s} {'95% CI':>17s} {'acc':>7s} "
-               f"{'B@ctx':>8s} {'dPPL':>7s} {'95% CI of dPPL':>18s}  verdict")
+               f"{'B@ctx':>8s} {'dPPL':>7s} {'95% CI of dPPL':>18s} {'saving':>6s}  verdict")
     by_name = {r["name"]: r for r in rows}
     for c in compare_all(rows):
         r = by_name[c["name"]]
@@ -335,7 +336,7 @@ def _print_comparison(rows: list[dict[str, Any]]) -> None:
         dci = "-" if c["family"] == "B" else f"[{c['delta_lo']:+.2f}, {c['delta_hi']:+.2f}]"
         tag = "frontier" if c["family"] == "B" else verdict(c) + (" (extrap.)" if c["extrapolated"] else "")
         typer.echo(f"{c['name']:24s} {c['eff_ctx']:8.2f} {c['ppl']:8.3f} {ci:>17s} {100 * c['acc']:6.2f}% "
-                   f"{c['b_ppl']:8.3f} {c['delta']:+7.3f} {dci:>18s}  {tag}")
+                   f"{c['b_ppl']:8.3f} {c['delta']:+7.3f} {dci:>18s} {c['saving']:5.2f}x  {tag}")
 
 
 @app.command()
@@ -347,6 +348,8 @@ def sweep(
     model: Optional[str] = typer.Option(None, help="Model (overrides the config)."),
     corpus: Optional[str] = typer.Option(None, help="Corpus (overrides the config)."),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda."),
+    allocation: Optional[list[str]] = typer.Option(
+        None, help="Allocation JSON file (e.g. learned) to add to the grid's rows. Repeatable."),
 ) -> None:
     """Run a grid of configurations (resumable), then print each against StreamingLLM at equal Eff.Ctx."""
     import torch
@@ -357,7 +360,7 @@ def sweep(
     from models.loading import load_model, model_shape
 
     s = settings(config, SWEEP_DEFAULTS, out=out, tokens=tokens, profile=profile, model=model, corpus=corpus,
-                 device=device)
+                 device=device, allocations=allocation)
     if not isinstance(s["grid"], dict) or not s["grid"]:
         raise ConfigError(f"config {config}: 'grid' must map policy-name templates to their values")
     names = expand(s["grid"])
@@ -371,6 +374,7 @@ def sweep(
     if prof is not None:
         prof.check_model(shape)
     ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof)
+    files = [(label, alloc) for label, alloc, _ in _allocations(lm, [], list(s["allocations"]), None)]
     blocks = _blocks_for(tok, s["corpus"], s["split"], s["tokens"], s["seq_len"])
     info = {k: s[k] for k in ("model", "corpus", "split", "tokens", "seq_len")}
     info.update(profile=s["profile"] if prof else None, profile_sha256=prof_sha,
@@ -385,7 +389,7 @@ def sweep(
             bars.pop(name).__exit__(None, None, None)
 
     start = time.perf_counter()
-    rows = run_sweep(lm, blocks, names, ctx, s["out"], info, progress)
+    rows = run_sweep(lm, blocks, names, ctx, s["out"], info, progress, files)
     _print_comparison(rows)
     took = time.perf_counter() - start
     typer.echo(f"{len(rows)} configuration(s) in {s['out']}; this run took {took:.0f} s")
@@ -396,16 +400,21 @@ def plot(
     results: Path = typer.Argument(..., help="Results JSONL written by `headkv sweep`."),
     out: Path = typer.Option(Path("results/figures"), "-o", "--out", help="Folder for the PNG figures."),
 ) -> None:
-    """Draw the study's five figures and the frontier view from a sweep's results."""
+    """Draw the study's five figures and the frontier view from a sweep's results, and a passkey accuracy
+    heatmap (depth x length) per allocation from `headkv passkey` rows."""
     from alloc.plots import plot_all
+    from alloc.results import read_rows
     from alloc.sweep import sweep_rows
+    from models.passkey import passkey_heatmaps
 
     if not results.exists():
         raise ConfigError(f"results file {results} does not exist")
     rows = sweep_rows(results)
-    if not rows:
-        raise ConfigError(f"{results} holds no sweep rows: run `headkv sweep` first")
-    for path in plot_all(rows, out):
+    passkey_rows = [r for r in read_rows(results) if r.get("kind") == "passkey"]
+    if not rows and not passkey_rows:
+        raise ConfigError(f"{results} holds no sweep or passkey rows: run `headkv sweep` or `headkv passkey` first")
+    paths = (plot_all(rows, out) if rows else []) + (passkey_heatmaps(passkey_rows, out) if passkey_rows else [])
+    for path in paths:
         typer.echo(f"wrote {path}")
 
 

@@ -32,7 +32,11 @@ class AllocationError(ValueError):
 
 
 def _int_grid(name: str, value: Any, shape: tuple[int, int] | None) -> tuple[tuple[int, ...], ...]:
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, (list, tuple)) for r in value):
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(r, (list, tuple)) for r in value)
+    ):
         raise AllocationError(f"'{name}' must be a non-empty list of per-layer lists")
     rows = []
     for li, row in enumerate(value):
@@ -167,7 +171,9 @@ class Allocation:
             raise AllocationError("an allocation file must hold a JSON object")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise AllocationError(f"unsupported allocation format_version {version!r} (expected {FORMAT_VERSION})")
+            raise AllocationError(
+                f"unsupported allocation format_version {version!r} (expected {FORMAT_VERSION})"
+            )
         missing = [k for k in ("shape", "sink", "window") if k not in d]
         if missing:
             raise AllocationError(f"allocation file lacks {', '.join(missing)}")

@@ -55,7 +55,9 @@ def _bootstrap_ppl(nll: np.ndarray, cnt: np.ndarray, seed: int = 0) -> tuple[flo
     return float(lo), float(hi)
 
 
-def paired_log_ppl_diff(a: EvalResult | dict, b: EvalResult | dict, seed: int = 0) -> tuple[float, float, float]:
+def paired_log_ppl_diff(
+    a: EvalResult | dict, b: EvalResult | dict, seed: int = 0
+) -> tuple[float, float, float]:
     """log PPL(a) - log PPL(b) on the same tokens, with a 95% paired bootstrap interval over chunks."""
     ga = a if isinstance(a, dict) else a.to_dict()
     gb = b if isinstance(b, dict) else b.to_dict()

@@ -62,7 +62,9 @@ def build(name: str, ctx: PolicyContext) -> Allocation:
     """The allocation that policy ``name`` gives a model of ``ctx.shape``."""
     builder, params, profile = _match(name)
     if profile and ctx.profile is None:
-        raise AllocationError(f"policy '{name}' needs a head profile: run `headkv classify` and pass --profile")
+        raise AllocationError(
+            f"policy '{name}' needs a head profile: run `headkv classify` and pass --profile"
+        )
     alloc = builder(ctx, params)
     return Allocation(alloc.sink, alloc.window, ctx.model_id, ctx.q_per_kv, {"policy": name, **alloc.meta})
 

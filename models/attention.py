@@ -164,7 +164,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             bias = bias + attention_mask
     # finite floor: a fully masked (padding) row softmaxes to uniform instead of NaN, as transformers does
     bias = bias.clamp(min=torch.finfo(query.dtype).min)
-    return sdpa_attention_forward(module, query, key, value, bias, dropout, scaling, is_causal=False, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, bias, dropout, scaling, is_causal=False, **kwargs
+    )
 
 
 def _mask(*args, **kwargs):

@@ -137,7 +137,8 @@ def load_model(
             raise ModelLoadError(f"cannot load model from {source}: {str(e).splitlines()[0]}") from None
         raise ModelLoadError(
             f"cannot load '{name}': the Hugging Face hub is unreachable or the name is unknown. "
-            f"Download it where the hub is reachable and pass its local directory, or use --model {OFFLINE_DEFAULT}"
+            "Download it where the hub is reachable and pass its local directory, "
+            f"or use --model {OFFLINE_DEFAULT}"
         ) from None
     model.headkv_id = name  # the id allocations record; not the cache path
     return freeze(model.to(device)), tok

@@ -13,7 +13,9 @@ from alloc.policies import PolicyContext, build
 
 
 def _varied() -> Allocation:
-    return Allocation(((4, 0, 2), (1, 4, 4)), ((60, 8, 100), (3, 124, 1)), "m", 3, {"policy": "x", "budget": 70})
+    return Allocation(
+        ((4, 0, 2), (1, 4, 4)), ((60, 8, 100), (3, 124, 1)), "m", 3, {"policy": "x", "budget": 70}
+    )
 
 
 def test_json_round_trip(tmp_path):
@@ -42,7 +44,8 @@ def test_realized_context_matches_brute_force():
 def test_kv_bytes_counts_kept_keys():
     a = _varied()
     T, hd = 64, 16
-    kept = [min(T, s + w) for rs, rw in zip(a.sink, a.window) for s, w in zip(rs, rw)]
+    pairs = zip(sum(a.sink, ()), sum(a.window, ()), strict=True)
+    kept = [min(T, s + w) for s, w in pairs]
     assert a.kv_bytes(T, hd, torch.float16) == 2 * sum(kept) * hd * 2
     assert a.kv_bytes(T, hd, torch.float32) == 2 * a.kv_bytes(T, hd, torch.float16)
 

@@ -58,13 +58,19 @@ def test_per_head_windows_act_per_kv_head(tiny):
     full = [[40] * s.n_kv_heads for _ in range(s.n_layers)]
     cut = [row[:] for row in full]
     cut[1][0] = 3
-    a = Allocation(tuple(map(tuple, [[0] * s.n_kv_heads] * s.n_layers)), tuple(map(tuple, cut)), q_per_kv=s.q_per_kv)
+    a = Allocation(
+        tuple(map(tuple, [[0] * s.n_kv_heads] * s.n_layers)), tuple(map(tuple, cut)), q_per_kv=s.q_per_kv
+    )
     captured = {}
 
     def hook(module, args, kwargs, output):
         captured[module.layer_idx] = output[0].detach()
 
-    attn = [m for n, m in tiny.named_modules() if n.endswith(("self_attn", "attention")) and hasattr(m, "layer_idx")]
+    attn = [
+        m
+        for n, m in tiny.named_modules()
+        if n.endswith(("self_attn", "attention")) and hasattr(m, "layer_idx")
+    ]
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attn]
     try:
         ref_out = tiny(x).logits

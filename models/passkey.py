@@ -1,0 +1,259 @@
+"""Passkey retrieval: can generation through an evicting cache still find a number stated once, long ago?
+
+A task is ``length`` tokens: corpus text (eval split) with one needle sentence stating a random 5-digit pass
+key inserted at ``depth`` (0 = start, 1 = just before the question), then a question asking for it. The
+prompt goes through the real cache of the allocation (prefill in chunks, then a hand-written greedy decode
+loop), and a trial is correct when the first number in the continuation is exactly the key. Trials of one
+(length, depth) cell have equal lengths, so they run as one batch without padding. Everything is drawn from
+one seeded generator, so a rerun builds the same tasks.
+
+``passkey_heatmaps(rows, out_dir)`` draws one accuracy heatmap (depth x length) per allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from alloc.allocation import Allocation
+from models.attention import windowed
+from models.streaming import new_cache
+
+log = logging.getLogger(__name__)
+
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyTask:
+    ids: torch.Tensor  # (length,) prompt token ids
+    key: str  # the 5-digit answer
+    depth: float
+    length: int
+    needle: tuple[int, int] = (0, 0)  # [start, end) of the needle sentence in ids
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_task(
+    tokenizer: Any, stream: torch.Tensor, length: int, depth: float, rng: np.random.Generator
+) -> PasskeyTask:
+    """One task of exactly ``length`` tokens cut from the corpus ``stream`` (1-D token ids)."""
+    key = str(int(rng.integers(10000, 100000)))
+    needle = _encode(tokenizer, NEEDLE.format(key=key))
+    question = _encode(tokenizer, QUESTION)
+    n_fill = length - len(needle) - len(question)
+    if n_fill < 1 or not 0.0 <= depth <= 1.0:
+        raise ValueError(
+            f"a passkey task of {length} tokens cannot hold the needle and question at depth {depth}"
+        )
+    if stream.numel() <= n_fill:
+        raise ValueError(f"the corpus stream ({stream.numel()} tokens) is shorter than the filler ({n_fill})")
+    start = int(rng.integers(0, stream.numel() - n_fill))
+    filler = stream[start : start + n_fill].tolist()
+    cut = round(depth * n_fill)
+    ids = filler[:cut] + needle + filler[cut:] + question
+    return PasskeyTask(torch.tensor(ids, dtype=torch.long), key, depth, length, (cut, cut + len(needle)))
+
+
+def build_tasks(
+    tokenizer: Any,
+    stream: torch.Tensor,
+    lengths: Iterable[int],
+    depths: Iterable[float],
+    trials: int,
+    seed: int = 0,
+) -> dict[tuple[int, float], list[PasskeyTask]]:
+    """``trials`` tasks per (length, depth) cell, all from one generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+    return {
+        (n, d): [build_task(tokenizer, stream, n, d, rng) for _ in range(trials)]
+        for n in lengths
+        for d in depths
+    }
+
+
+@torch.no_grad()
+def greedy(
+    model: PreTrainedModel,
+    allocation: Allocation | None,
+    ids: torch.Tensor,
+    new_tokens: int,
+    prefill_chunk: int = 256,
+) -> torch.Tensor:
+    """Greedy continuation (B, new_tokens) of prompts ``ids`` (B, T) through the allocation's real cache."""
+    cache = new_cache(model, allocation)
+    ids = ids.to(model.device)
+    out = []
+    with windowed(model, allocation, positions=cache if allocation is not None else None):
+        for lo in range(0, ids.shape[1], prefill_chunk):
+            logits = model(ids[:, lo : lo + prefill_chunk], cache=cache, use_cache=True).logits
+        for _ in range(new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            out.append(nxt)
+            logits = model(nxt, cache=cache, use_cache=True).logits
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def greedy_with_cache(
+    model: PreTrainedModel,
+    allocation: Allocation | None,
+    ids: torch.Tensor,
+    new_tokens: int,
+    reindex: bool = False,
+    prefill_chunk: int = 512,
+) -> tuple[torch.Tensor, Any]:
+    """Greedy continuation with plain ``model.generate`` on the allocation's real cache: (new ids, cache).
+
+    All but the last prompt token are prefilled in chunks first (so a long prompt never needs a quadratic
+    mask), then ``generate`` continues from the filled cache.
+    """
+    cache = new_cache(model, allocation, reindex)
+    ids = ids.to(model.device)
+    with windowed(model, allocation, positions=cache if allocation is not None else None):
+        for lo in range(0, ids.shape[1] - 1, prefill_chunk):
+            model(ids[:, lo : min(lo + prefill_chunk, ids.shape[1] - 1)], cache=cache, use_cache=True)
+        out = model.generate(
+            ids,
+            cache=cache,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.generation_config.eos_token_id or 0,
+        )
+    return out[:, ids.shape[1] :], cache
+
+
+def is_correct(text: str, key: str) -> bool:
+    """Exact match: the first number in the continuation is the key."""
+    found = re.search(r"\d+", text)
+    return found is not None and found.group() == key
+
+
+def score_cell(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    allocation: Allocation | None,
+    tasks: list[PasskeyTask],
+    batch: int = 8,
+    new_tokens: int = 8,
+) -> tuple[int, list[str]]:
+    """Correct answers among ``tasks`` (all of one length) and the decoded continuations."""
+    texts: list[str] = []
+    for i in range(0, len(tasks), batch):
+        group = tasks[i : i + batch]
+        gen = greedy(model, allocation, torch.stack([t.ids for t in group]), new_tokens)
+        texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in gen.tolist())
+    return sum(is_correct(t, task.key) for t, task in zip(texts, tasks, strict=True)), texts
+
+
+def run_passkey(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    allocation: Allocation | None,
+    tasks: dict[tuple[int, float], list[PasskeyTask]],
+    *,
+    batch: int = 8,
+    skip: set[tuple[int, float]] = frozenset(),
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One result per (length, depth) cell not in ``skip``: correct, trials, accuracy and two sample answers.
+
+    ``on_row`` gets each cell's result as soon as it is scored (the CLI appends it, so a rerun resumes).
+    """
+    rows = []
+    for (length, depth), cell in sorted(tasks.items()):
+        if (length, depth) in skip:
+            continue
+        correct, texts = score_cell(model, tokenizer, allocation, cell, batch)
+        row = {
+            "length": length,
+            "depth": depth,
+            "correct": correct,
+            "trials": len(cell),
+            "accuracy": correct / len(cell),
+            "samples": [[t.key, x] for t, x in zip(cell[:2], texts[:2], strict=True)],
+        }
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
+@torch.no_grad()
+def retrieval_scores(model: PreTrainedModel, tasks: Iterable[PasskeyTask]) -> torch.Tensor:
+    """Per (layer, KV head): attention mass the prompt's last query puts on the needle, under full attention,
+    averaged over tasks and the query heads of each KV head -- DuoAttention's idea of finding retrieval
+    heads on synthetic passkey data. Returns (layers, KV heads)."""
+    from models.loading import model_shape
+
+    shape = model_shape(model)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the only implementation that returns attention maps
+    total, n = torch.zeros(shape.n_layers, shape.n_kv_heads), 0
+    try:
+        for task in tasks:
+            maps = model(task.ids.view(1, -1).to(model.device), output_attentions=True).attentions
+            lo, hi = task.needle
+            mass = torch.stack([m[0, :, -1, lo:hi].float().sum(-1).cpu() for m in maps])  # (layers, Hq)
+            total += mass.view(shape.n_layers, shape.n_kv_heads, shape.q_per_kv).mean(-1)
+            n += 1
+    finally:
+        model.set_attn_implementation(previous)
+    return total / max(n, 1)
+
+
+def passkey_heatmaps(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """One PNG per allocation: exact-match accuracy over depth (rows) x length (columns).
+
+    ``rows`` are results-file rows of ``"kind": "passkey"`` (other kinds are ignored); a later row for the
+    same (allocation, length, depth) replaces an earlier one.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[str, dict[tuple[int, float], float]] = {}
+    for row in rows:
+        if row.get("kind") == "passkey":
+            cells.setdefault(str(row["allocation"]), {})[(int(row["length"]), float(row["depth"]))] = row[
+                "accuracy"
+            ]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, acc in sorted(cells.items()):
+        lengths = sorted({n for n, _ in acc})
+        depths = sorted({d for _, d in acc})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for (n, d), a in acc.items():
+            grid[depths.index(d), lengths.index(n)] = 100 * a
+        fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.55 * len(depths) + 1.8))
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        for (r, c), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (0 = start)")
+        ax.set_title(f"passkey exact match (%): {name}", fontsize=10)
+        fig.colorbar(im, ax=ax, label="accuracy %")
+        fig.tight_layout()
+        path = out_dir / f"passkey_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

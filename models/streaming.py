@@ -1,0 +1,129 @@
+"""Streaming evaluation: a long token stream fed through the real evicting cache, StreamingLLM's protocol.
+
+Every token is predicted from what the cache still holds: the model never re-reads an evicted token. The
+stream goes in ``chunk`` tokens per forward (``chunk=1`` is StreamingLLM's token-by-token protocol; the
+per-head cache makes any chunking compute the same thing, which the tests check, and a larger chunk is
+many times faster on CPU). Full attention (``allocation=None``) streams through transformers'
+``DynamicCache``, which keeps everything.
+
+``reindex=True`` applies StreamingLLM's position re-indexing (positions counted inside the cache), so a
+head never sees a distance beyond ``sink + window - 1`` however long the stream; without it, distances to
+the sink tokens grow with the stream and leave the model's training context.
+
+Perplexity is reported for the whole stream and per segment of ``segment`` predicted tokens, so drift
+along the stream shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from alloc.allocation import Allocation
+from models.attention import windowed
+from models.kv_cache import PerHeadCache, kv_bytes_of
+from models.loading import model_shape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamResult:
+    name: str
+    reindex: bool
+    tokens: int  # predicted tokens (stream length - 1)
+    chunk: int  # tokens per forward
+    ppl: float
+    acc: float  # next-token top-1 accuracy
+    eff_ctx: float
+    kv_bytes: int  # K and V bytes the cache held at the end of the stream (measured)
+    kv_bytes_predicted: int  # the allocation's own figure for the same stream length
+    kv_bytes_full: int  # full attention's figure for the same stream length
+    wall_s: float
+    segment: int  # predicted tokens per segment
+    segment_ppl: list[float] = field(default_factory=list)
+    segment_tokens: list[int] = field(default_factory=list)
+    segment_nll: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_cache(model: PreTrainedModel, allocation: Allocation | None, reindex: bool = False):
+    """The cache a stream goes through: per-head evicting for an allocation, DynamicCache for full."""
+    if allocation is None:
+        if reindex:
+            raise ValueError("full attention holds every token: there is nothing to re-index")
+        return DynamicCache(config=model.config)
+    return PerHeadCache(allocation, reindex=reindex)
+
+
+def _predicted(model: PreTrainedModel, allocation: Allocation | None, n: int) -> tuple[int, int, float]:
+    """(allocation's KV bytes, full attention's KV bytes, Eff.Ctx) after ``n`` tokens."""
+    shape = model_shape(model)
+    elt = torch.empty((), dtype=model.dtype).element_size()
+    full = 2 * shape.n_layers * shape.n_kv_heads * n * shape.head_dim * elt
+    if allocation is None:
+        return full, full, float(n)
+    return allocation.kv_bytes(n, shape.head_dim, model.dtype), full, allocation.eff_ctx()
+
+
+@torch.no_grad()
+def stream_nll(
+    model: PreTrainedModel,
+    allocation: Allocation | None,
+    tokens: torch.Tensor,
+    *,
+    reindex: bool = False,
+    chunk: int = 1,
+    segment: int = 1024,
+    name: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StreamResult:
+    """Perplexity of ``tokens`` (n,) streamed through the real cache of ``allocation`` (None = full)."""
+    if tokens.dim() != 1 or tokens.numel() < 2:
+        raise ValueError("a stream is a 1-D tensor of at least 2 tokens")
+    if chunk < 1 or segment < 1:
+        raise ValueError("chunk and segment must be >= 1")
+    start = time.perf_counter()
+    n = tokens.numel()
+    ids = tokens.to(model.device).view(1, -1)
+    cache = new_cache(model, allocation, reindex)
+    nll = torch.zeros(n - 1, dtype=torch.float64)
+    correct = 0
+    with windowed(model, allocation, positions=cache if allocation is not None else None):
+        for lo in range(0, n - 1, chunk):
+            hi = min(lo + chunk, n - 1)  # the last token is only a target
+            logits = model(ids[:, lo:hi], cache=cache, use_cache=True).logits[0].float()  # (q, V)
+            target = ids[0, lo + 1 : hi + 1]
+            nll[lo:hi] = F.cross_entropy(logits, target, reduction="none").double().cpu()
+            correct += int((logits.argmax(-1) == target).sum())
+            if progress:
+                progress(hi, n - 1)
+    predicted, full, eff = _predicted(model, allocation, cache.get_seq_length())
+    sums = [float(s.sum()) for s in nll.split(segment)]
+    counts = [len(s) for s in nll.split(segment)]
+    return StreamResult(
+        name=name or (allocation.name if allocation is not None else "full"),
+        reindex=reindex,
+        tokens=n - 1,
+        chunk=chunk,
+        ppl=math.exp(float(nll.mean())),
+        acc=correct / (n - 1),
+        eff_ctx=eff,
+        kv_bytes=kv_bytes_of(cache),
+        kv_bytes_predicted=predicted,
+        kv_bytes_full=full,
+        wall_s=time.perf_counter() - start,
+        segment=segment,
+        segment_ppl=[math.exp(s / c) for s, c in zip(sums, counts, strict=True)],
+        segment_tokens=counts,
+        segment_nll=sums,
+    )
