@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 
 from alloc import window as win
+from alloc.results import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -153,17 +152,7 @@ class Allocation:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a reader never sees a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=1)))
 
     @classmethod
     def from_dict(cls, d: Any) -> Allocation:

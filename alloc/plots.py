@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from alloc.frontier import compare_all, frontier  # noqa: E402
+from alloc.results import atomic_write  # noqa: E402
 
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
@@ -47,16 +46,10 @@ NAMES = {
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Write atomically, then close the figure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
-    return path
 
 
 def _family(rows: list[dict], fam: str) -> list[dict]:

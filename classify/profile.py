@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from alloc.results import atomic_write
 from classify import stats as st
 
 log = logging.getLogger(__name__)
@@ -178,18 +177,7 @@ class HeadProfile:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a reader never sees a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
+        return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict())))
     @classmethod
     def load(cls, path: str | Path) -> HeadProfile:
         path = Path(path)

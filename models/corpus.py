@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alloc.results import atomic_write
 from models.rdata import CorpusError, LazyLoadDB
 
 __all__ = [
@@ -150,13 +151,7 @@ def _run_tool(cmd: list[str], cwd: Path) -> None:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_austen_novel(name: str, cache_dir: Path | None = None) -> list[str]:
@@ -426,14 +421,7 @@ def _load_cached(path: Path, key: str) -> TokenizedSplit | None:
 def _save_cached(path: Path, key: str, split: TokenizedSplit) -> None:
     data = {"key": key, "ids": split.ids, "para_starts": split.para_starts, "doc_starts": split.doc_starts}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(data, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
     except OSError as exc:
         log.warning("could not write token cache %s: %s", path, exc)
 
