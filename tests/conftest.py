@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
@@ -39,3 +41,14 @@ def smollm():
     from models.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``headkv ARGS`` in-process through the console entry point: (exit code, stdout, stderr)."""
+    import cli
+
+    monkeypatch.setattr(sys, "argv", ["headkv", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err

@@ -4,21 +4,12 @@ and their one-line refusals."""
 from __future__ import annotations
 
 import json
-import sys
 
-import pytest
 import yaml
 
 import cli
 from classify.profile import HeadProfile
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headkv", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    return int(e.value.code or 0), out, err
+from tests.conftest import run_cli as run
 
 
 def _one_error_line(err: str, message: str) -> None:

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 import cli
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headkv", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    return int(e.value.code or 0), out, err
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture
