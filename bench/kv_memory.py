@@ -72,16 +72,12 @@ def far_heads_allocation(
 ) -> Allocation:
     """Eff.Ctx ``budget``: the ``n_long`` KV heads with the most attention beyond distance ``budget`` (sink
     excluded) on one 512-token train block get ``long_window``; the others share the remaining windows."""
+    from models.attention import attention_maps
     from models.corpus import token_blocks
 
     shape = model_shape(model)
     block = token_blocks(tokenizer, corpus, split="train", seq_len=512, n_blocks=1)[0].to(model.device)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        maps = model(block.unsqueeze(0), output_attentions=True).attentions  # layers x (1, Hq, T, T)
-    finally:
-        model.set_attn_implementation(previous)
+    maps = attention_maps(model, block.unsqueeze(0))  # layers x (1, Hq, T, T)
     t = torch.arange(block.numel(), device=model.device)
     far = ((t.view(-1, 1) - t.view(1, -1)) > budget) & (t.view(1, -1) >= SINK)  # (T, T)
     score = torch.stack([(m[0].float() * far).sum(-1).mean(-1) for m in maps])  # (layers, Hq)

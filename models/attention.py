@@ -312,3 +312,12 @@ def captured(model: PreTrainedModel, callback: AttentionCallback) -> Iterator[Pr
             if not _CAPTURE:
                 AttentionInterface._global_mapping.pop(CAPTURE, None)
                 AttentionMaskInterface._global_mapping.pop(CAPTURE, None)
+
+
+@torch.no_grad()
+def attention_maps(model: PreTrainedModel, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's attention probabilities (B, query heads, T, T) for one full-attention forward."""
+    maps: dict[int, torch.Tensor] = {}
+    with captured(model, lambda layer, probs: maps.__setitem__(layer, probs)):
+        model(ids)
+    return [maps[i] for i in sorted(maps)]

@@ -196,21 +196,17 @@ def retrieval_scores(model: PreTrainedModel, tasks: Iterable[PasskeyTask]) -> to
     """Per (layer, KV head): attention mass the prompt's last query puts on the needle, under full attention,
     averaged over tasks and the query heads of each KV head -- DuoAttention's idea of finding retrieval
     heads on synthetic passkey data. Returns (layers, KV heads)."""
+    from models.attention import attention_maps
     from models.loading import model_shape
 
     shape = model_shape(model)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # the only implementation that returns attention maps
     total, n = torch.zeros(shape.n_layers, shape.n_kv_heads), 0
-    try:
-        for task in tasks:
-            maps = model(task.ids.view(1, -1).to(model.device), output_attentions=True).attentions
-            lo, hi = task.needle
-            mass = torch.stack([m[0, :, -1, lo:hi].float().sum(-1).cpu() for m in maps])  # (layers, Hq)
-            total += mass.view(shape.n_layers, shape.n_kv_heads, shape.q_per_kv).mean(-1)
-            n += 1
-    finally:
-        model.set_attn_implementation(previous)
+    for task in tasks:
+        maps = attention_maps(model, task.ids.view(1, -1).to(model.device))
+        lo, hi = task.needle
+        mass = torch.stack([m[0, :, -1, lo:hi].float().sum(-1).cpu() for m in maps])  # (layers, Hq)
+        total += mass.view(shape.n_layers, shape.n_kv_heads, shape.q_per_kv).mean(-1)
+        n += 1
     return total / max(n, 1)
 
 

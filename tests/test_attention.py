@@ -89,3 +89,20 @@ def test_allocation_for_another_model_is_refused(tiny):
         with windowed(tiny, Allocation.uniform((5, 7), 0, 8)):
             pass
     assert is_clean(tiny)
+
+
+def test_attention_maps_match_eager_attention(tiny):
+    from models.attention import attention_maps
+
+    x = torch.randint(0, VOCAB, (1, 24))
+    maps = attention_maps(tiny, x)
+    tiny.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = tiny(x, output_attentions=True).attentions
+    finally:
+        tiny.set_attn_implementation("sdpa")
+    assert len(maps) == len(ref)
+    for m, r in zip(maps, ref, strict=True):
+        torch.testing.assert_close(m, r, atol=1e-5, rtol=1e-4)
+    assert is_clean(tiny)
