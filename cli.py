@@ -418,7 +418,7 @@ def plot(
         typer.echo(f"wrote {path}")
 
 
-TRAIN_FLAGS = ("model", "corpus", "budget", "sink", "seq_len", "batch_size", "max_steps", "lr", "tau_start",
+TRAIN_FLAGS = ("model", "corpus", "budget", "sink", "seq_len", "batch_size", "max_steps", "lr", "lr_schedule", "tau_start",
                "tau_end", "tau_schedule", "objective", "precision", "accelerator", "devices", "strategy",
                "wandb_mode", "threads", "seed")
 
@@ -475,6 +475,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Blocks per device per step."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate on the gate logits."),
+    lr_schedule: Optional[str] = typer.Option(None, help="const or cosine (decays to lr_end_frac x lr)."),
     tau_start: Optional[float] = typer.Option(None, help="Soft-edge temperature at the first step."),
     tau_end: Optional[float] = typer.Option(None, help="Soft-edge temperature at the last step."),
     tau_schedule: Optional[str] = typer.Option(None, help="exp, linear or const."),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -55,17 +56,19 @@ class TrainConfig:
     sink: int = 4  # fixed sink tokens of every head
     seq_len: int = 1024  # tokens per training block; also the largest window
     batch_size: int = 1  # blocks per device per step
-    max_steps: int = 50
-    lr: float = 0.1  # Adam on the gate logits
+    max_steps: int = 100
+    lr: float = 0.05  # Adam on the gate logits
+    lr_schedule: str = "cosine"  # const | cosine (decays to lr_end_frac x lr at the last step)
+    lr_end_frac: float = 0.1
     tau_start: float = 8.0  # soft-edge temperature at step 0 ...
-    tau_end: float = 0.5  # ... and at the last step
+    tau_end: float = 2.0  # ... and at the last step (the export is hard either way)
     tau_schedule: str = "exp"  # exp | linear | const
     objective: str = "kl"  # kl (distil full attention) | ce (language-model loss)
     n_blocks: int = 0  # training blocks; 0 = max_steps x global batch (every block seen once)
-    val_blocks: int = 2  # held-out TRAIN-split blocks for the hard-export evaluation; 0 = none
-    eval_every: int = 10  # steps between hard-export evaluations (and heatmaps)
+    val_blocks: int = 4  # held-out TRAIN-split blocks for the hard-export evaluation; 0 = none
+    eval_every: int = 25  # steps between hard-export evaluations (and heatmaps)
     log_every: int = 5
-    ckpt_every: int = 10
+    ckpt_every: int = 25
     precision: str = "32-true"
     accelerator: str = "cpu"
     devices: int = 1
@@ -90,6 +93,7 @@ class TrainConfig:
             raise TrainError("missing config key 'budget' (pass --budget or set it in the config)")
         choices = {
             "tau_schedule": ("exp", "linear", "const"),
+            "lr_schedule": ("const", "cosine"),
             "objective": ("kl", "ce"),
             "wandb_mode": ("auto", "online", "offline", "disabled"),
         }
@@ -101,6 +105,8 @@ class TrainConfig:
                 raise TrainError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not (self.tau_start > 0 and self.tau_end > 0 and self.lr > 0):
             raise TrainError("tau_start, tau_end and lr must be positive")
+        if not 0 <= self.lr_end_frac <= 1:
+            raise TrainError(f"lr_end_frac must lie in [0, 1], got {self.lr_end_frac!r}")
         try:
             check_budget(float(self.budget), self.sink, self.seq_len)
         except GateError as e:
@@ -118,6 +124,14 @@ def tau_at(cfg: TrainConfig, step: int) -> float:
     if cfg.tau_schedule == "linear":
         return cfg.tau_start + frac * (cfg.tau_end - cfg.tau_start)
     return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate at a step as a fraction of ``lr``: 1 (const) or a cosine from 1 to lr_end_frac."""
+    if cfg.lr_schedule == "const":
+        return 1.0
+    frac = min(step / max(cfg.max_steps - 1, 1), 1.0)
+    return cfg.lr_end_frac + (1 - cfg.lr_end_frac) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def _student_sdpa(device: torch.device) -> contextlib.AbstractContextManager:
@@ -232,6 +246,7 @@ class GateModule(L.LightningModule):
             {
                 "train/loss": loss.detach(),
                 "train/tau": tau,
+                "train/lr": self.cfg.lr * lr_factor(self.cfg, self.global_step),
                 "budget/eff_ctx": eff,
                 "budget/violation": eff - self.gates.budget,
             },
@@ -246,8 +261,10 @@ class GateModule(L.LightningModule):
         if self.global_step % self.cfg.eval_every == 0 or self.global_step >= self.cfg.max_steps:
             self._hard_eval()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.gates.parameters(), lr=self.cfg.lr)
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.Adam(self.gates.parameters(), lr=self.cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(self.cfg, step))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_KEY] = run_meta(self.cfg, self.model_shape, self.run_id)
@@ -406,7 +423,8 @@ def make_loggers(cfg: TrainConfig, run_dir: Path, run_id: str, csv_version: str 
     Online without a reachable server falls back to offline."""
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list[Any] = [CSVLogger(run_dir, name="csv", version=csv_version)]
+    csv = CSVLogger(run_dir, name="csv", version=csv_version, flush_logs_every_n_steps=cfg.log_every)
+    loggers: list[Any] = [csv]
     mode = cfg.wandb_mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"

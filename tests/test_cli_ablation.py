@@ -18,8 +18,9 @@ def _one_error_line(err: str, message: str) -> None:
 
 
 def test_configs_load_with_known_keys():
-    cfg = yaml.safe_load(open("configs/ablation.yaml"))
-    assert set(cfg) <= set(cli.SWEEP_DEFAULTS)
+    for name in ("ablation", "learned"):
+        cfg = yaml.safe_load(open(f"configs/{name}.yaml"))
+        assert set(cfg) <= set(cli.SWEEP_DEFAULTS) and cfg["grid"], name
     assert set(yaml.safe_load(open("configs/classify.yaml"))) <= set(cli.CLASSIFY_DEFAULTS)
 
 

@@ -15,7 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import cli
 from alloc.allocation import Allocation
-from alloc.train import TrainConfig, TrainError, export_checkpoint, fit, load_checkpoint_meta, tau_at
+from alloc.train import (
+    TrainConfig,
+    TrainError,
+    export_checkpoint,
+    fit,
+    load_checkpoint_meta,
+    lr_factor,
+    tau_at,
+)
 from models.corpus import load_documents
 from models.loading import load_model
 
@@ -114,14 +122,16 @@ class StopAt(L.Callback):
 
 
 def test_resume_continues_exactly_where_the_run_stopped(assets, tiny_lm, tmp_path):
+    """Also the schedules: a cosine learning rate resumes at the step it stopped."""
     lm, tok = tiny_lm
-    fit(lm, tok, config(assets), tmp_path / "straight", "t-straight", progress=False)
-    fit(lm, tok, config(assets), tmp_path / "split", "t-split", progress=False, callbacks=[StopAt(2)])
+    kw = dict(lr_schedule="cosine")
+    fit(lm, tok, config(assets, **kw), tmp_path / "straight", "t-straight", progress=False)
+    fit(lm, tok, config(assets, **kw), tmp_path / "split", "t-split", progress=False, callbacks=[StopAt(2)])
     assert load_checkpoint_meta(tmp_path / "split")[0]["global_step"] == 2
     fit(
         lm,
         tok,
-        config(assets),
+        config(assets, **kw),
         tmp_path / "split",
         "t-split",
         resume=tmp_path / "split/checkpoints/last.ckpt",
@@ -135,9 +145,19 @@ def test_tau_schedules_anneal_from_start_to_end():
     for schedule in ("exp", "linear"):
         cfg = TrainConfig(budget=12, max_steps=11, tau_schedule=schedule)
         taus = [tau_at(cfg, s) for s in range(11)]
-        assert taus[0] == pytest.approx(8.0) and taus[-1] == pytest.approx(0.5)
+        assert taus[0] == pytest.approx(cfg.tau_start) and taus[-1] == pytest.approx(cfg.tau_end)
         assert all(a > b for a, b in zip(taus, taus[1:], strict=False))
     assert tau_at(TrainConfig(budget=12, tau_schedule="const"), 7) == 8.0
+
+
+def test_cosine_lr_decays_from_lr_to_its_end_fraction():
+    cfg = TrainConfig(budget=12, max_steps=11, lr_schedule="cosine", lr_end_frac=0.1)
+    factors = [lr_factor(cfg, s) for s in range(11)]
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
+    assert lr_factor(TrainConfig(budget=12, lr_schedule="const"), 7) == 1.0
+    with pytest.raises(TrainError, match="lr_schedule"):
+        TrainConfig.from_dict({"budget": 12, "lr_schedule": "step"})
 
 
 def test_every_key_of_the_shipped_config_is_a_train_option():
