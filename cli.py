@@ -127,7 +127,10 @@ def _allocations(model: Any, policies: list[str], files: list[str], profile: Opt
     for f in files:
         alloc = Allocation.load(f)
         alloc.check_model(shape.model_id, shape.shape, shape.q_per_kv)
-        rows.append((alloc.meta.get("policy") or Path(f).stem, alloc, {"file": str(f), "file_sha256": file_hash(f)}))
+        label = alloc.meta.get("policy") or Path(f).stem
+        if any(label == r[0] for r in rows):  # e.g. learned_b64 of two seeds: results are keyed by label
+            label = f"{label}@{alloc.meta.get('run_id') or Path(f).parent.name or Path(f).stem}"
+        rows.append((label, alloc, {"file": str(f), "file_sha256": file_hash(f)}))
     return rows
 
 

@@ -67,3 +67,20 @@ def test_misshapen_or_missing_profile_is_refused_in_one_line(monkeypatch, capsys
     code, _, err = run(monkeypatch, capsys, "plot", str(tmp_path / "missing.jsonl"))
     assert code == 2
     _one_error_line(err, "does not exist")
+
+
+def test_two_allocation_files_with_one_policy_name_stay_two_rows(tmp_path):
+    """Two seeds of learned_b64 must not collapse into one row of a sweep or an evaluation."""
+    from alloc.allocation import Allocation
+    from models.loading import model_shape
+    from tests.conftest import tiny_model
+
+    lm = tiny_model("llama")
+    shape = model_shape(lm)
+    paths = []
+    for run_id in ("seed0", "seed1"):
+        alloc = Allocation.uniform(shape.shape, 4, 12, model_id=shape.model_id, q_per_kv=shape.q_per_kv,
+                                   meta={"policy": "learned_b64", "run_id": run_id})
+        paths.append(str(alloc.save(tmp_path / run_id / "allocation.json")))
+    labels = [label for label, _, _ in cli._allocations(lm, [], paths, None)]
+    assert labels == ["learned_b64", "learned_b64@seed1"]
