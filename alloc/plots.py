@@ -101,7 +101,7 @@ def fig_sink(rows: list[dict], axes: Any) -> None:
         axes[0].errorbar(
             xs,
             [rs[x]["ppl"] for x in xs],
-            yerr=_yerr([rs[x] for x in xs]),
+            yerr=_bars([rs[x] for x in xs], "ppl"),
             fmt="o-",
             color=COLORS[fam],
             label=NAMES[fam] + (" (sink 4)" if fam == "B" else " (no sink)"),
@@ -117,20 +117,18 @@ def fig_sink(rows: list[dict], axes: Any) -> None:
     )
 
 
-def _yerr(rs: list[dict]) -> np.ndarray:
-    return np.array([[r["ppl"] - r["ppl_lo"] for r in rs], [r["ppl_hi"] - r["ppl"] for r in rs]])
+def _bars(rs: list[dict], key: str) -> np.ndarray:
+    """Asymmetric error bars (2, N) of the 95% interval ``key_lo``..``key_hi`` around ``key`` (zero where
+    there is none). On a few chunks of tokens a bootstrap percentile interval of a ratio estimate need not
+    contain the point estimate; the side it misses is drawn as zero rather than rejected by matplotlib."""
+    lo = [r[key] - r[key + "_lo"] if np.isfinite(r[key + "_lo"]) else 0.0 for r in rs]
+    hi = [r[key + "_hi"] - r[key] if np.isfinite(r[key + "_hi"]) else 0.0 for r in rs]
+    return np.maximum(np.array([lo, hi], dtype=float), 0.0)
 
 
 def _g_params(name: str) -> tuple[float, int]:
     t, b = name.removeprefix("G_conf").split("_base")
     return float(t), int(b)
-
-
-def _delta_err(cs: list[dict]) -> np.ndarray:
-    """Asymmetric error bars of the paired 95% interval of delta (zero where there is none)."""
-    lo = [c["delta"] - c["delta_lo"] if np.isfinite(c["delta_lo"]) else 0.0 for c in cs]
-    hi = [c["delta_hi"] - c["delta"] if np.isfinite(c["delta_hi"]) else 0.0 for c in cs]
-    return np.array([lo, hi])
 
 
 def fig_threshold(rows: list[dict], axes: Any, bases: list[int]) -> None:
@@ -166,7 +164,8 @@ def fig_best(rows: list[dict], ax: plt.Axes, n: int = 12) -> None:
     y = np.arange(len(best))
     colors = [COLORS.get(c["family"], "grey") for c in best]
     ax.barh(y, [c["delta"] for c in best], color=colors, alpha=0.85)
-    ax.errorbar([c["delta"] for c in best], y, xerr=_delta_err(best), fmt="none", ecolor="black", capsize=3)
+    ax.errorbar([c["delta"] for c in best], y, xerr=_bars(best, "delta"), fmt="none", ecolor="black",
+                capsize=3)
     ax.axvline(0, color=COLORS["B"], lw=1.5, label="StreamingLLM at the same Eff.Ctx")
     labels = [f"{c['name']}  (ctx {c['eff_ctx']:.1f}, PPL {c['ppl']:.2f} vs {c['b_ppl']:.2f})" for c in best]
     ax.set_yticks(y, labels, fontsize=7)
@@ -194,7 +193,8 @@ def fig_inverse(rows: list[dict], axes: Any) -> None:
     cs = [cmp[r["name"]] for r in rs]
     x = np.arange(len(cs))
     axes[1].bar(x, [c["delta"] for c in cs], color=COLORS["I"], alpha=0.85)
-    axes[1].errorbar(x, [c["delta"] for c in cs], yerr=_delta_err(cs), fmt="none", ecolor="black", capsize=3)
+    axes[1].errorbar(x, [c["delta"] for c in cs], yerr=_bars(cs, "delta"), fmt="none", ecolor="black",
+                     capsize=3)
     axes[1].axhline(0, color=COLORS["B"], lw=1.5)
     axes[1].set_xticks(
         x,
@@ -218,7 +218,7 @@ def fig_frontier(rows: list[dict], axes: Any) -> None:
         axes[1].errorbar(
             c["eff_ctx"],
             100 * (c["ratio"] - 1),
-            yerr=100 * _delta_err([c]) / c["b_ppl"],
+            yerr=100 * _bars([c], "delta") / c["b_ppl"],
             fmt="o",
             color=color,
             alpha=0.8,

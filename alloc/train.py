@@ -17,7 +17,6 @@ offline, or disabled) and always to a CSV file in the run directory.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -69,6 +68,7 @@ class TrainConfig:
     eval_every: int = 25  # steps between hard-export evaluations (and heatmaps)
     log_every: int = 5
     ckpt_every: int = 25
+    dtype: str = "float32"  # the frozen model's dtype in training (gates stay float32): float32 | bfloat16
     precision: str = "32-true"
     accelerator: str = "cpu"
     devices: int = 1
@@ -96,6 +96,7 @@ class TrainConfig:
             "lr_schedule": ("const", "cosine"),
             "objective": ("kl", "ce"),
             "wandb_mode": ("auto", "online", "offline", "disabled"),
+            "dtype": ("float32", "bfloat16", "float16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -134,16 +135,6 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.lr_end_frac + (1 - cfg.lr_end_frac) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _student_sdpa(device: torch.device) -> contextlib.AbstractContextManager:
-    """On CUDA the memory-efficient SDPA kernel fails in backward with a float bias that requires grad
-    ("LSE is not correctly aligned", torch 2.11, H200), so the student uses the math kernel there."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def distill_loss(
     lm: Any, gates: WindowGates, tokens: torch.Tensor, tau: float, objective: str = "kl"
 ) -> torch.Tensor:
@@ -151,7 +142,7 @@ def distill_loss(
     if objective == "kl":
         with torch.no_grad():  # the teacher: the same frozen model, full attention
             teacher = F.log_softmax(lm(tokens).logits.float(), dim=-1)  # (B, T, V)
-    with windowed(lm, gates.mask(tau)), _student_sdpa(tokens.device):
+    with windowed(lm, gates.mask(tau)):
         logits = lm(tokens).logits.float()  # (B, T, V)
     if objective == "ce":
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
@@ -270,8 +261,10 @@ class GateModule(L.LightningModule):
         checkpoint[CKPT_KEY] = run_meta(self.cfg, self.model_shape, self.run_id)
 
     def export(self, budget: float | None = None) -> Allocation:
+        budget = float(self.cfg.budget if budget is None else budget)
         return self.gates.export(
             budget,
+            policy=learned_name(budget, self.cfg.objective),
             model_id=self.model_shape.model_id,
             q_per_kv=self.model_shape.q_per_kv,
             model=self.cfg.model,
@@ -308,6 +301,11 @@ class GateModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         log_heatmap(self.loggers, alloc, self.trainer.default_root_dir, row["step"])
+
+
+def learned_name(budget: float, objective: str) -> str:
+    """The policy name of an exported allocation: learned_b64 (KL, the default), learned_ce_b64 (CE)."""
+    return f"learned_b{budget:g}" if objective == "kl" else f"learned_{objective}_b{budget:g}"
 
 
 def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
@@ -406,6 +404,7 @@ def export_checkpoint(path: str | Path, budget: float | None = None, model_shape
     gates.load_state_dict({"logits": state["gates.logits"]})
     return gates.export(
         budget,
+        policy=learned_name(budget, cfg.objective),
         model_id=meta["model_id"],
         q_per_kv=meta["q_per_kv"],
         model=cfg.model,
@@ -531,6 +530,9 @@ def fit(
     Writes ``run_dir/checkpoints/last.ckpt``, ``run_dir/allocation.json`` and ``run_dir/heatmap.png``.
     """
     run_dir = Path(run_dir)
+    if lm.dtype != getattr(torch, cfg.dtype):
+        have = str(lm.dtype).removeprefix("torch.")
+        raise TrainError(f"the model is {have} but the run's dtype is {cfg.dtype}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -17,7 +17,6 @@ it there too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -74,24 +73,6 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     return lm, blocks.to(args.device)
 
 
-def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
-    """Restrict SDPA to one backend (e.g. when a fused kernel has no backward for a float mask)."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(
-        [
-            {
-                "math": SDPBackend.MATH,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "flash": SDPBackend.FLASH_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION,
-            }[name]
-        ]
-    )
-
-
 def timed(fn, args: argparse.Namespace) -> float:
     times = []
     for i in range(args.warmup + args.repeats):
@@ -113,8 +94,7 @@ def measure(lm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace)
 
     def train_step() -> None:
         opt.zero_grad()
-        with sdpa_backend(args.sdpa):  # only the gated step: the plain step keeps torch's best backend
-            distill_loss(lm, gates, blocks, tau=2.0).backward()
+        distill_loss(lm, gates, blocks, tau=2.0).backward()
         opt.step()
 
     def teacher_fwd() -> None:
@@ -153,12 +133,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument(
-        "--sdpa",
-        default="auto",
-        choices=["auto", "math", "efficient", "flash", "cudnn"],
-        help="restrict the gated step's SDPA to one backend (auto = torch's choice)",
-    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.threads:
@@ -175,7 +149,6 @@ def main() -> None:
         "seq_len": args.seq_len,
         "budget": args.budget,
         "threads": torch.get_num_threads(),
-        "sdpa": args.sdpa,
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **measure(lm, blocks, args),

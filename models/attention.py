@@ -151,6 +151,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                                       **kwargs)
     q_pos, k_pos = state.positions.positions(module.layer_idx, q_len, k_len)
     bias = state.masks.bias(module.layer_idx, q_pos.to(query.device), k_pos.to(query.device))  # (Hkv, Q, K)
+    if bias.requires_grad and state.rotary is None:  # learnable gates: the training path
+        return _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling), None
     bias = bias.repeat_interleave(query.shape[1] // bias.shape[0], dim=0).unsqueeze(0)  # (1, Hq, Q, K)
     bias = bias.to(query.dtype)
     if state.rotary is not None:
@@ -167,6 +169,57 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return sdpa_attention_forward(
         module, query, key, value, bias, dropout, scaling, is_causal=False, **kwargs
     )
+
+
+class _AddHeadBias(torch.autograd.Function):
+    """``scores (B, Hkv, r, Q, K) + bias (1 | B, Hkv, Q, K)``, broadcast over the r query heads of each KV
+    head (and over the batch). The backward sums the bias gradient with plain adds: torch's sum over the
+    broadcast dimensions (0, 2) is about 30x slower on CPU in bfloat16, which dominated a batch-2 step."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.bias_batch = bias.shape[0]
+        return scores + bias.unsqueeze(2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = grad.unbind(2)
+        g = heads[0].clone()
+        for h in heads[1:]:
+            g += h
+        if ctx.bias_batch == 1 and g.shape[0] > 1:
+            g = g.sum(0, keepdim=True)
+        return grad, g
+
+
+def _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling) -> torch.Tensor:
+    """Attention with a per-KV-head bias that requires grad (learnable gates), for training.
+
+    SDPA needs the bias repeated to every query head (and, with a float bias that requires grad, runs its
+    math kernel anyway); here the query heads of one KV head are a broadcast dimension instead, so neither
+    the bias nor the keys and values are repeated, and :class:`_AddHeadBias` sums the bias gradient over
+    those query heads. Same result as ``sdpa_attention_forward`` with the repeated bias, in the model's
+    dtype; returns (B, Q, Hq, D) like it. On CUDA this also avoids the memory-efficient SDPA kernel, whose
+    backward fails with a float bias that requires grad ("LSE is not correctly aligned", torch 2.11).
+    """
+    b, n_q, q_len, dim = query.shape
+    n_kv = key.shape[1]
+    scale = scaling if scaling is not None else dim**-0.5
+    bias = bias.to(query.dtype).unsqueeze(0)  # (1, Hkv, Q, K)
+    if attention_mask is not None:  # transformers' causal/padding mask, shared by all heads
+        if attention_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            bias = bias + attention_mask
+        bias = bias.clamp(min=torch.finfo(query.dtype).min)  # a fully padded row: uniform, not NaN
+    q = (query * scale).view(b, n_kv, n_q // n_kv, q_len, dim)  # (B, Hkv, r, Q, D)
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, r, Q, K)
+    scores = _AddHeadBias.apply(scores, bias)
+    probs = scores.softmax(-1)
+    if dropout:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    out = torch.matmul(probs, value.unsqueeze(2))  # (B, Hkv, r, Q, D)
+    return out.view(b, n_q, q_len, -1).transpose(1, 2).contiguous()
 
 
 def _mask(*args, **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import yaml
 
 import cli
@@ -84,3 +85,11 @@ def test_two_allocation_files_with_one_policy_name_stay_two_rows(tmp_path):
         paths.append(str(alloc.save(tmp_path / run_id / "allocation.json")))
     labels = [label for label, _, _ in cli._allocations(lm, [], paths, None)]
     assert labels == ["learned_b64", "learned_b64@seed1"]
+
+
+def test_error_bars_never_negative_when_an_interval_misses_its_point():
+    from alloc.plots import _bars
+
+    rows = [{"ppl": 10.0, "ppl_lo": 9.0, "ppl_hi": 12.0}, {"ppl": 10.0, "ppl_lo": 10.5, "ppl_hi": 11.0},
+            {"ppl": 5.0, "ppl_lo": float("nan"), "ppl_hi": 4.0}]
+    np.testing.assert_allclose(_bars(rows, "ppl"), [[1.0, 0.0, 0.0], [2.0, 1.0, 0.0]])

@@ -134,3 +134,47 @@ def test_round_to_budget_refuses_an_impossible_total():
     with pytest.raises(GateError):
         round_to_budget(torch.tensor([2.5, 3.5]), 9, cap=SEQ)
     assert round_to_budget(torch.tensor([2.5, 3.6]), 6, cap=SEQ).tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_the_training_attention_path_equals_sdpa_with_the_repeated_bias(arch):
+    """Learnable gates (bias requires grad) take models.attention's broadcast-GQA path; the same soft bias
+    without grad takes SDPA with the bias repeated per query head. Same logits, also with a padded row."""
+    lm = tiny_model(arch)
+    shape = model_shape(lm)
+    gates = spread_gates(shape.shape, budget=12, seq_len=40)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, lm.config.vocab_size, (2, 40), generator=gen)
+    padding = torch.ones(2, 40, dtype=torch.long)
+    padding[1, :7] = 0  # left padding on the second row
+    for kw in ({}, {"attention_mask": padding}):
+        mask = gates.mask(tau=2.0)
+        with windowed(lm, mask):
+            trained = lm(tokens, **kw).logits
+        assert trained.requires_grad  # the gates' path: gradients reach the logits
+        frozen = SoftMask(mask.sink, mask.window.detach(), mask.tau)
+        with torch.no_grad(), windowed(lm, frozen):
+            reference = lm(tokens, **kw).logits
+        keep = (padding.bool() if kw else torch.ones_like(padding, dtype=torch.bool)).unsqueeze(-1)
+        assert torch.allclose(trained.detach() * keep, reference * keep, atol=1e-5, rtol=1e-4)
+
+
+def test_broadcast_gqa_attention_has_sdpa_gradients():
+    """The broadcast path's value and bias gradient equal SDPA's with the bias repeated per query head."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from models.attention import _gqa_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=gen, dtype=torch.float64) for h in (6, 2, 2))
+    bias = torch.randn(2, 16, 16, generator=gen, dtype=torch.float64).tril().requires_grad_(True)
+    out = _gqa_attention(q, k, v, bias, None, 0.0, None)
+    (g_fast,) = torch.autograd.grad((out * torch.arange(8.0).double()).sum(), bias)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    repeated = bias.repeat_interleave(3, 0).unsqueeze(0)  # (1, Hq, Q, K)
+    ref, _ = sdpa_attention_forward(module, q, k, v, repeated, is_causal=False)
+    (g_ref,) = torch.autograd.grad((ref * torch.arange(8.0).double()).sum(), bias)
+    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(g_fast, g_ref, atol=1e-12)
+    assert float(g_fast.abs().max()) > 0

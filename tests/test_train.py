@@ -111,6 +111,36 @@ def test_training_freezes_the_base_holds_the_budget_and_checkpoints_only_gates(
     assert export_checkpoint(tmp_path / "run") == alloc  # export round trip
 
 
+def test_a_bfloat16_model_trains_float32_gates_like_a_float32_model(assets, tmp_path):
+    """dtype: bfloat16 runs the frozen model in bfloat16 (2x faster on a CPU with AVX-512 BF16); the gates
+    and their optimizer stay float32, the base stays bit-identical, and the gates learn what float32
+    learns."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        lm, tok = load_model(str(assets["model"]), dtype=getattr(torch, dtype))
+        before = {k: v.clone() for k, v in lm.state_dict().items()}
+        fit(lm, tok, config(assets, dtype=dtype), tmp_path / dtype, f"t-{dtype}", progress=False)
+        assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
+        assert lm.dtype == getattr(torch, dtype)
+        runs[dtype] = gate_logits(tmp_path / dtype)
+    assert runs["bfloat16"].dtype == torch.float32
+    assert load_checkpoint_meta(tmp_path / "bfloat16")[0]["config"]["dtype"] == "bfloat16"
+    cos = torch.nn.functional.cosine_similarity(runs["float32"].flatten(), runs["bfloat16"].flatten(), 0)
+    assert float(runs["float32"].abs().max()) > 0.1 and float(cos) > 0.9, (runs, cos)
+    with pytest.raises(TrainError, match="model is bfloat16 but the run's dtype is float32"):
+        fit(lm, tok, config(assets), tmp_path / "mismatch", "t-mismatch", progress=False)
+    assert not (tmp_path / "mismatch").exists()
+
+
+def test_a_cross_entropy_run_is_named_for_its_objective(assets, tiny_lm, tmp_path):
+    """learned_ce_b12 beside learned_b12 (KL): one sweep table keeps both objectives apart."""
+    lm, tok = tiny_lm
+    alloc = fit(lm, tok, config(assets, objective="ce", max_steps=2), tmp_path / "ce", "t-ce", progress=False)
+    assert alloc.meta["policy"] == "learned_ce_b12" and alloc.meta["objective"] == "ce"
+    assert export_checkpoint(tmp_path / "ce", 9).meta["policy"] == "learned_ce_b9"
+    assert float(gate_logits(tmp_path / "ce").abs().max()) > 0
+
+
 class StopAt(L.Callback):
     """Interrupt a run after ``step`` optimizer steps, as a killed job would be."""
 
