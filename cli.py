@@ -483,7 +483,7 @@ def train(
     tau_end: Optional[float] = typer.Option(None, help="Soft-edge temperature at the last step."),
     tau_schedule: Optional[str] = typer.Option(None, help="exp, linear or const."),
     objective: Optional[str] = typer.Option(None, help="kl (distil full attention, default) or ce."),
-    dtype: Optional[str] = typer.Option(None, help="The frozen model's dtype in training: float32 or bfloat16 (gates stay float32)."),
+    dtype: Optional[str] = typer.Option(None, help="The frozen model's dtype in training: float32, bfloat16 or float16 (gates stay float32)."),
     precision: Optional[str] = typer.Option(None, help="Lightning precision, e.g. 32-true or bf16-mixed."),
     accelerator: Optional[str] = typer.Option(None, help="Lightning accelerator: cpu (default), gpu, auto."),
     devices: Optional[int] = typer.Option(None, help="Processes/devices (2 on CPU = DDP over gloo)."),
@@ -496,14 +496,12 @@ def train(
 ) -> None:
     """Learn per-head windows under an average-context budget; write a run directory with the checkpoint,
     the exported allocation.json and a window heatmap."""
-    import torch
-
     from alloc.train import check_same_model, fit
     from models.loading import load_model, model_shape
 
     flags = {k: v for k, v in locals().items() if k in TRAIN_FLAGS}
     cfg, run_id, run_dir, meta = _train_run(resume, config, out_dir, flags)
-    lm, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+    lm, tok = load_model(cfg.model, dtype=cfg.torch_dtype)
     if meta is not None:
         check_same_model(meta, model_shape(lm))
     alloc = fit(lm, tok, cfg, run_dir, run_id, resume=meta["path"] if meta else None)

@@ -142,7 +142,7 @@ class WindowGates(nn.Module):
         total = math.floor(w.numel() * (budget - self.sink_count) + 1e-6)
         windows = round_to_budget(w, total, self.seq_len)
         meta = {
-            "policy": f"learned_b{budget:g}",
+            "policy": learned_name(budget, meta.get("objective", "kl")),
             "budget": budget,
             "sink": self.sink_count,
             "seq_len": self.seq_len,
@@ -151,3 +151,8 @@ class WindowGates(nn.Module):
         return Allocation.from_tensors(
             self.sink.cpu(), windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta
         )
+
+
+def learned_name(budget: float, objective: str = "kl") -> str:
+    """The policy name of an exported allocation: learned_b64 (KL, the default), learned_ce_b64 (CE)."""
+    return f"learned_b{budget:g}" if objective == "kl" else f"learned_{objective}_b{budget:g}"

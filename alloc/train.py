@@ -68,7 +68,7 @@ class TrainConfig:
     eval_every: int = 25  # steps between hard-export evaluations (and heatmaps)
     log_every: int = 5
     ckpt_every: int = 25
-    dtype: str = "float32"  # the frozen model's dtype in training (gates stay float32): float32 | bfloat16
+    dtype: str = "float32"  # the frozen model in training (gates stay float32): float32 | bfloat16 | float16
     precision: str = "32-true"
     accelerator: str = "cpu"
     devices: int = 1
@@ -115,6 +115,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 def tau_at(cfg: TrainConfig, step: int) -> float:
@@ -261,10 +265,8 @@ class GateModule(L.LightningModule):
         checkpoint[CKPT_KEY] = run_meta(self.cfg, self.model_shape, self.run_id)
 
     def export(self, budget: float | None = None) -> Allocation:
-        budget = float(self.cfg.budget if budget is None else budget)
         return self.gates.export(
             budget,
-            policy=learned_name(budget, self.cfg.objective),
             model_id=self.model_shape.model_id,
             q_per_kv=self.model_shape.q_per_kv,
             model=self.cfg.model,
@@ -301,11 +303,6 @@ class GateModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         log_heatmap(self.loggers, alloc, self.trainer.default_root_dir, row["step"])
-
-
-def learned_name(budget: float, objective: str) -> str:
-    """The policy name of an exported allocation: learned_b64 (KL, the default), learned_ce_b64 (CE)."""
-    return f"learned_b{budget:g}" if objective == "kl" else f"learned_{objective}_b{budget:g}"
 
 
 def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
@@ -404,7 +401,6 @@ def export_checkpoint(path: str | Path, budget: float | None = None, model_shape
     gates.load_state_dict({"logits": state["gates.logits"]})
     return gates.export(
         budget,
-        policy=learned_name(budget, cfg.objective),
         model_id=meta["model_id"],
         q_per_kv=meta["q_per_kv"],
         model=cfg.model,
@@ -530,7 +526,7 @@ def fit(
     Writes ``run_dir/checkpoints/last.ckpt``, ``run_dir/allocation.json`` and ``run_dir/heatmap.png``.
     """
     run_dir = Path(run_dir)
-    if lm.dtype != getattr(torch, cfg.dtype):
+    if lm.dtype != cfg.torch_dtype:
         have = str(lm.dtype).removeprefix("torch.")
         raise TrainError(f"the model is {have} but the run's dtype is {cfg.dtype}")
     if cfg.threads:
