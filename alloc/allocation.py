@@ -1,4 +1,5 @@
-"""Allocation: per (layer, KV head) sink and window -- the value type every part of headkv meets at.
+"""Allocation: per (layer, KV head) sink and window -- the value type every part of headkv meets at -- and
+:func:`applied`, the one door through which an allocation reaches a model.
 
 An allocation is frozen. It knows the model it was made for (``model_id``), its shape
 (layers x KV heads), how many query heads share each KV head (GQA), and free-form metadata
@@ -14,19 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from transformers import DynamicCache, PreTrainedModel
 
-from alloc import window as win
-from alloc.results import atomic_write
+from models import window as win
+from models.attention import FullCache, HardMask, windowed
+from models.common import HeadkvError, atomic_write
+from models.kv_cache import PerHeadCache
+from models.loading import ModelShape, model_shape
 
 FORMAT_VERSION = 1
 
 
-class AllocationError(ValueError):
+class AllocationError(HeadkvError):
     """An allocation that is malformed or does not fit the model it is used with."""
 
 
@@ -123,7 +129,7 @@ class Allocation:
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
         """Bytes of K and V kept after ``seq_len`` tokens (batch 1)."""
-        return 2 * self.kv_tokens(seq_len) * head_dim * torch.empty((), dtype=dtype).element_size()
+        return win.kv_bytes(self.kv_tokens(seq_len), head_dim, dtype)
 
     def check_model(self, model_id: str, shape: tuple[int, int], q_per_kv: int) -> None:
         """Refuse an allocation made for another model, with one clear line."""
@@ -188,3 +194,35 @@ class Allocation:
             return cls.from_dict(data)
         except AllocationError as e:
             raise AllocationError(f"{path}: {e}") from None
+
+
+def kv_bytes(allocation: Allocation | None, shape: ModelShape, seq_len: int, dtype: torch.dtype) -> int:
+    """K and V bytes held after ``seq_len`` tokens (batch 1) under ``allocation``; None = full attention."""
+    if allocation is None:
+        return win.kv_bytes(shape.n_layers * shape.n_kv_heads * seq_len, shape.head_dim, dtype)
+    return allocation.kv_bytes(seq_len, shape.head_dim, dtype)
+
+
+@contextmanager
+def applied(
+    model: PreTrainedModel, allocation: Allocation | None, *, evict: bool = False, reindex: bool = False
+) -> Iterator[Any]:
+    """The one door: run ``model`` under ``allocation`` inside the block; everything is undone on exit.
+
+    The allocation is checked against the model once, here. ``evict=False``: a masked forward over a full
+    cache (the evaluator); yields None. ``evict=True``: yields the cache to pass to the model: the per-head
+    evicting cache that holds only each head's sink + window (a ``DynamicCache`` for full attention).
+    ``reindex=True``: StreamingLLM's position re-indexing (distances counted inside the cache).
+    ``allocation=None`` is full attention: the model runs untouched.
+    """
+    if allocation is None:
+        if reindex:
+            raise AllocationError("full attention holds every token: there is nothing to re-index")
+        yield DynamicCache(config=model.config) if evict else None
+        return
+    shape = model_shape(model)
+    allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
+    sink, window = allocation.tensors(model.device)
+    cache = PerHeadCache(sink, window, reindex=reindex) if evict else None
+    with windowed(model, HardMask(sink, window), cache if evict else FullCache(reindex)):
+        yield cache

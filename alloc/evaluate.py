@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation
-from models.attention import MaskProvider, windowed
+from alloc.allocation import Allocation, applied, kv_bytes
 from models.loading import model_shape
 
 N_BOOT = 2000
@@ -47,29 +46,27 @@ class EvalResult:
         return asdict(self)
 
 
-def _bootstrap_ppl(nll: np.ndarray, cnt: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(nll), size=(N_BOOT, len(nll)))
-    boot = np.exp(nll[idx].sum(1) / cnt[idx].sum(1))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return float(lo), float(hi)
+def _bootstrap_ppl(
+    nll: np.ndarray, cnt: np.ndarray, seed: int = 0, n_blocks: int | None = None
+) -> tuple[float, float]:
+    """95% interval of the perplexity of these chunks, resampling whole blocks (alloc.bootstrap); (nan, nan)
+    for a single block. ``n_blocks`` defaults to the blocks read off the chunk counts."""
+    from alloc.bootstrap import infer_n_blocks, ppl_interval
+
+    n = n_blocks if n_blocks is not None else infer_n_blocks(cnt)
+    return ppl_interval({"chunk_nll": nll, "chunk_tokens": cnt, "n_blocks": n}, seed)
 
 
 def paired_log_ppl_diff(
     a: EvalResult | dict, b: EvalResult | dict, seed: int = 0
 ) -> tuple[float, float, float]:
-    """log PPL(a) - log PPL(b) on the same tokens, with a 95% paired bootstrap interval over chunks."""
+    """log PPL(a) - log PPL(b) on the same tokens, with a 95% paired bootstrap interval over whole blocks
+    ((nan, nan) for a single block)."""
+    from alloc.bootstrap import paired_log_ppl_interval
+
     ga = a if isinstance(a, dict) else a.to_dict()
     gb = b if isinstance(b, dict) else b.to_dict()
-    if ga["chunk_tokens"] != gb["chunk_tokens"]:
-        raise ValueError("paired comparison needs results on the same tokens")
-    na, nb = np.asarray(ga["chunk_nll"]), np.asarray(gb["chunk_nll"])
-    cnt = np.asarray(ga["chunk_tokens"], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(cnt), size=(N_BOOT, len(cnt)))
-    diff = (na[idx].sum(1) - nb[idx].sum(1)) / cnt[idx].sum(1)
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    return float((na.sum() - nb.sum()) / cnt.sum()), float(lo), float(hi)
+    return paired_log_ppl_interval(ga, gb, seed)
 
 
 def _block_stats(logits: torch.Tensor, block: torch.Tensor, chunk: int) -> tuple[list, list, int]:
@@ -85,7 +82,7 @@ def _block_stats(logits: torch.Tensor, block: torch.Tensor, chunk: int) -> tuple
 @torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
-    allocation: Allocation | MaskProvider | None,
+    allocation: Allocation | None,
     blocks: torch.Tensor,
     *,
     name: str | None = None,
@@ -98,7 +95,7 @@ def evaluate(
     sums: list[float] = []
     counts: list[int] = []
     correct = 0
-    with windowed(model, allocation):
+    with applied(model, allocation):
         for i, block in enumerate(blocks):
             block = block.to(model.device)
             logits = model(block.unsqueeze(0)).logits  # (1, T, V)
@@ -111,15 +108,10 @@ def evaluate(
     nll, cnt = np.asarray(sums), np.asarray(counts, dtype=np.float64)
     lo, hi = _bootstrap_ppl(nll, cnt)
     shape = model_shape(model)
-    elt = torch.empty((), dtype=model.dtype).element_size()
-    full_bytes = 2 * shape.n_layers * shape.n_kv_heads * seq_len * shape.head_dim * elt
-    if isinstance(allocation, Allocation):
-        eff, real = allocation.eff_ctx(), allocation.realized_context(seq_len)
-        kv = allocation.kv_bytes(seq_len, shape.head_dim, model.dtype)
-        label = name or allocation.name
+    if allocation is not None:
+        eff, real, label = allocation.eff_ctx(), allocation.realized_context(seq_len), name or allocation.name
     else:
-        eff, real, kv = float(seq_len), (seq_len + 1) / 2, full_bytes
-        label = name or ("full" if allocation is None else type(allocation).__name__)
+        eff, real, label = float(seq_len), (seq_len + 1) / 2, name or "full"
     return EvalResult(
         name=label,
         ppl=math.exp(nll.sum() / cnt.sum()),
@@ -128,8 +120,8 @@ def evaluate(
         acc=correct / cnt.sum(),
         eff_ctx=eff,
         realized_ctx=real,
-        kv_bytes=kv,
-        kv_bytes_full=full_bytes,
+        kv_bytes=kv_bytes(allocation, shape, seq_len, model.dtype),
+        kv_bytes_full=kv_bytes(None, shape, seq_len, model.dtype),
         tokens=int(cnt.sum()),
         seq_len=seq_len,
         n_blocks=n_blocks,

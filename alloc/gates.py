@@ -11,7 +11,7 @@ window) equals the budget, every window lies in [1, cap], and ``z = 0`` (the sta
 (``db/dz_i = -s'_i / sum_j s'_j``), so an update can only move window from one head to another. Exporting
 at a different budget re-solves ``b`` for the same logits: no retraining.
 
-The soft mask is :func:`alloc.window.soft_bias` (the one definition of window semantics); ``SoftMask``
+The soft mask is :func:`models.window.soft_bias` (the one definition of window semantics); ``SoftMask``
 just feeds it the current windows and temperature through the mask-provider protocol of
 :func:`models.attention.windowed`. As ``tau -> 0`` it equals the hard mask of the exported allocation.
 
@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from alloc import window as win
 from alloc.allocation import Allocation
+from models import window as win
+from models.common import HeadkvError
 
 
-class GateError(ValueError):
+class GateError(HeadkvError):
     """Gates that cannot be built or exported as asked (e.g. an infeasible budget)."""
 
 

@@ -45,6 +45,16 @@ def families() -> list[str]:
     return list(_REGISTRY)
 
 
+def family_of(name: str) -> str:
+    """The family of a configuration name: the registered family whose pattern fully matches it first
+    (A_window_64 -> A, G_conf0.55_base128 -> G); any other name ('full', a learned allocation's label such
+    as learned_b64, a file label) is its own family."""
+    for fam, (pattern, _, _) in _REGISTRY.items():
+        if pattern.fullmatch(name):
+            return fam
+    return name
+
+
 def needs_profile(name: str) -> bool:
     return _match(name)[2]
 

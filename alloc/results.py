@@ -11,9 +11,8 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 
 def versions() -> dict[str, str]:
@@ -29,22 +28,6 @@ def versions() -> dict[str, str]:
         "lightning": lightning.__version__,
         "numpy": numpy.__version__,
     }
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into a temp file beside ``path``, then rename it over ``path``: a reader never sees a
-    half-written file, and a failed write leaves no file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def file_hash(path: str | Path) -> str:

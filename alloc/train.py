@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import secrets
 import time
 from dataclasses import asdict, dataclass, fields
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from alloc.allocation import Allocation
 from alloc.gates import GateError, WindowGates, check_budget
 from models.attention import windowed
+from models.common import HeadkvError, atomic_write
 from models.loading import model_shape
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ CKPT_KEY = "headkv"
 CKPT_VERSION = 1
 
 
-class TrainError(ValueError):
+class TrainError(HeadkvError):
     """A training run or checkpoint that cannot be used as asked, said in one line."""
 
 
@@ -306,13 +308,16 @@ class GateModule(L.LightningModule):
 
 
 def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
+    """What headkv adds to a checkpoint: plain str/int/float/bool/None/list/dict only, so that it loads with
+    ``torch.load(weights_only=True)`` (a path-like config value is stored as its string)."""
+    config = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in cfg.to_dict().items()}
     return {
         "version": CKPT_VERSION,
-        "config": cfg.to_dict(),
-        "run_id": run_id,
-        "model_id": shape.model_id,
-        "shape": list(shape.shape),
-        "q_per_kv": shape.q_per_kv,
+        "config": config,
+        "run_id": str(run_id),
+        "model_id": str(shape.model_id),
+        "shape": [int(n) for n in shape.shape],
+        "q_per_kv": int(shape.q_per_kv),
     }
 
 
@@ -343,11 +348,10 @@ def heatmap_png(alloc: Allocation, path: str | Path, title: str = "") -> Path:
     ax.set(xlabel="KV head", ylabel="layer", title=title or alloc.name, xticks=range(n_heads))
     fig.colorbar(im, ax=ax, label="window (tokens)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: int) -> Path:
@@ -360,25 +364,148 @@ def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: i
     return path
 
 
+# Every TrainConfig field that changes what a run learns: a resume must keep them all (check_resume).
+RESUME_KEYS = (
+    "model",
+    "corpus",
+    "budget",
+    "sink",
+    "seq_len",
+    "batch_size",
+    "max_steps",
+    "lr",
+    "lr_schedule",
+    "lr_end_frac",
+    "tau_start",
+    "tau_end",
+    "tau_schedule",
+    "objective",
+    "n_blocks",
+    "val_blocks",
+    "dtype",
+    "precision",
+    "devices",
+    "seed",
+)
+
+
+LIGHTNING_KEYS = ("optimizer_states", "lr_schedulers", "loops")  # what a resume needs beyond the gates
+
+
+def _unsafe_global(err: BaseException) -> str:
+    """The ``GLOBAL module.name`` the safe unpickler refused, from its (long) message, or ''."""
+    for line in str(err).splitlines():
+        if "GLOBAL " in line:
+            return line[line.index("GLOBAL ") :].split()[1].rstrip(".,;:")
+    return ""
+
+
 def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(run meta, gate state) of a training checkpoint, or one clear TrainError."""
+    """(run meta, gate state) of a training checkpoint (file or run directory), or one clear TrainError.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so no file
+    a user passes can run code. Every way it can fail (missing, torn, not a checkpoint, a pickle with
+    objects in it, missing keys, wrong types) is a TrainError of one line that names the file. The meta
+    gains ``path`` (the checkpoint file), ``global_step`` and ``resumable`` (it also holds the optimizer,
+    scheduler and loop state that Lightning needs to continue the run).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        raise TrainError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise TrainError(f"checkpoint {path} is not a file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise TrainError(f"checkpoint {path} does not exist") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = _unsafe_global(e)
+        what = f"it holds a {name} object" if name else str(e).splitlines()[0] if str(e) else "bad pickle"
+        raise TrainError(f"cannot read checkpoint {path}: not a plain-tensor checkpoint ({what})") from None
     except Exception as e:  # a torn or foreign file: say so in one line
-        raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
         raise TrainError(f"{path} is not a headkv training checkpoint")
-    meta = ckpt[CKPT_KEY]
+    meta, state = ckpt[CKPT_KEY], ckpt["state_dict"]
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise TrainError(f"{path} is not a headkv training checkpoint (malformed '{CKPT_KEY}' or state_dict)")
     missing = [k for k in ("config", "run_id", "model_id", "shape", "q_per_kv") if k not in meta]
+    if "gates.logits" not in state:
+        missing.append("gates.logits")
     if missing:
         raise TrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    meta = {**meta, "path": str(path), "global_step": int(ckpt.get("global_step", 0))}
-    return meta, ckpt["state_dict"]
+    shape, logits, step = meta["shape"], state["gates.logits"], ckpt.get("global_step", 0)
+    bad = []
+    if not isinstance(meta["config"], dict):
+        bad.append("config")
+    if not isinstance(meta["run_id"], str):
+        bad.append("run_id")
+    if not isinstance(meta["model_id"], str):
+        bad.append("model_id")
+    if not (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        bad.append("shape")
+    if not isinstance(meta["q_per_kv"], int) or isinstance(meta["q_per_kv"], bool) or meta["q_per_kv"] < 1:
+        bad.append("q_per_kv")
+    if not (
+        isinstance(logits, torch.Tensor)
+        and logits.is_floating_point()
+        and "shape" not in bad
+        and tuple(logits.shape) == tuple(shape)
+    ):
+        bad.append("gates.logits")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        bad.append("global_step")
+    if bad:
+        raise TrainError(f"{path}: checkpoint has a malformed {', '.join(bad)}")
+    try:
+        TrainConfig.from_dict(meta["config"])
+    except (TrainError, TypeError, ValueError) as e:
+        raise TrainError(f"{path}: checkpoint has a bad config: {str(e).splitlines()[0]}") from None
+    resumable = all(isinstance(ckpt.get(k), (dict, list)) for k in LIGHTNING_KEYS)
+    meta = {**meta, "shape": list(shape), "path": str(path), "global_step": step, "resumable": resumable}
+    return meta, state
+
+
+def check_resume(saved_config: dict[str, Any], cfg: TrainConfig, path: str | Path = "the checkpoint") -> None:
+    """Refuse to resume a run with a configuration that changes what it learns, in one line listing every
+    changed key: ``cannot resume <path>: it was trained with batch_size=1, objective=kl; this run asks
+    batch_size=2, objective=ce``.
+
+    Compared (``RESUME_KEYS``): everything that changes the trajectory of the gates: the model, corpus,
+    budget, sink and seq_len (what is learned), batch_size, max_steps, n_blocks and val_blocks (which blocks
+    are trained on, in which order; max_steps also sets where the tau and lr schedules end), lr,
+    lr_schedule, lr_end_frac, tau_start, tau_end, tau_schedule and objective (the optimisation), dtype and
+    precision (the numerics), devices (the global batch is batch_size x devices, and the resumed data order
+    counts blocks per process) and seed (block order and initialisation).
+
+    Free to change on resume (logistics, not the result): accelerator and strategy (a run may move to
+    another machine; only rounding differs), threads, eval_every, log_every and ckpt_every (when things are
+    logged, evaluated or saved, never what the gates see), wandb_mode and wandb_project.
+
+    A key missing from ``saved_config`` (a checkpoint older than the key) counts as its default.
+    """
+    defaults = TrainConfig().to_dict()
+    now = cfg.to_dict()
+    changed = [k for k in RESUME_KEYS if saved_config.get(k, defaults[k]) != now[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved_config.get(k, defaults[k])}" for k in changed)
+        asks = ", ".join(f"{k}={now[k]}" for k in changed)
+        raise TrainError(f"cannot resume {path}: it was trained with {was}; this run asks {asks}")
+
+
+def resume_run_dir(meta: dict[str, Any]) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt`` -> ``<run>``), so a
+    resumed run writes its checkpoints, CSV, allocation and heatmap beside the ones it continues; a
+    TrainError if the checkpoint does not lie in a run directory's checkpoints/ folder."""
+    path = Path(os.path.normpath(str(meta.get("path", ""))))
+    if path.parent.name != "checkpoints":
+        raise TrainError(f"cannot resume {path}: it is not in a run directory (<run>/checkpoints/*.ckpt)")
+    return path.parent.parent
 
 
 def check_same_model(meta: dict[str, Any], shape: Any) -> None:
@@ -524,8 +651,17 @@ def fit(
     """Train the gates and export them; returns the allocation on the main process (None elsewhere).
 
     Writes ``run_dir/checkpoints/last.ckpt``, ``run_dir/allocation.json`` and ``run_dir/heatmap.png``.
+    ``resume`` (a checkpoint file or run directory) is read safely (``weights_only=True``, here and by
+    Lightning) and must have been trained with the same configuration (``check_resume``).
     """
     run_dir = Path(run_dir)
+    step = 0
+    if resume is not None:  # before anything is written: a bad checkpoint is one TrainError
+        meta = load_checkpoint_meta(resume)[0]
+        if not meta["resumable"]:
+            raise TrainError(f"cannot resume {meta['path']}: it holds no optimizer, scheduler and loop state")
+        check_resume(meta["config"], cfg, meta["path"])
+        resume, step = meta["path"], meta["global_step"]
     if lm.dtype != cfg.torch_dtype:
         have = str(lm.dtype).removeprefix("torch.")
         raise TrainError(f"the model is {have} but the run's dtype is {cfg.dtype}")
@@ -535,13 +671,12 @@ def fit(
     data = TrainBlocks(tokenizer, cfg, world_size=cfg.devices)
     data.setup()
     module = GateModule(lm, cfg, run_id, data.val)
-    step = load_checkpoint_meta(resume)[0]["global_step"] if resume else 0
     # a resumed (or crashed and restarted) run logs to a new CSV beside the old one, never into it
     fresh = not (run_dir / "csv" / "metrics.csv").exists()
     csv_version = "" if fresh else f"from-step{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     loggers = make_loggers(cfg, run_dir, run_id, csv_version=csv_version)
     trainer = _trainer(cfg, run_dir, loggers, list(callbacks or []), progress)
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if not trainer.is_global_zero:
         return None

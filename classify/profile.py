@@ -31,8 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from alloc.results import atomic_write
 from classify import stats as st
+from models.common import HeadkvError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ LABELS = ("positional", "mixed", "gathering")
 FORMAT_VERSION = 1
 
 
-class ProfileError(ValueError):
+class ProfileError(HeadkvError):
     """A head profile that is malformed or does not fit the model it is used with."""
 
 

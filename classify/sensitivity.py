@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from alloc.allocation import Allocation
-from models.attention import windowed
+from alloc.allocation import Allocation, applied
 from models.loading import model_shape
 
 
@@ -55,7 +54,7 @@ def head_sensitivity(
         for layer in range(n_layers):
             for head in range(n_heads):
                 cut = one_head_cut(shape, layer, head, sink, window, blocks.shape[1])
-                with windowed(model, cut):
+                with applied(model, cut):
                     kl[layer, head] += _kl(logp_full, model(x).logits[0])
                 done += 1
                 if progress:

@@ -10,7 +10,7 @@ over the query positions ``t >= q_from`` (early queries see too few keys to tell
 - ``sink_mass``: mass on the first ``sink`` keys;
 - ``local_mass``: mass on the last ``window`` keys ``(t - window, t]`` (sinks not counted);
 - ``kept_mass`` / ``far_mass``: the mass a head keeps / loses when cut to (sink, window), with exactly the
-  semantics of :mod:`alloc.window`;
+  semantics of :mod:`models.window`;
 - ``offset_peak``: how concentrated attention is at one fixed relative offset: the largest mean mass any
   single offset d = t - k receives (1 for the diagonal or for a previous-token head), and that offset.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from alloc import window as win
+from models import window as win
 
 
 def _queries(attn: torch.Tensor, q_from: int) -> torch.Tensor:

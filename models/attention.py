@@ -1,11 +1,14 @@
 """The only code in headkv that touches transformers internals.
 
-``with windowed(model, masks):`` registers an attention function (and its matching mask function, or
-transformers would silently drop padding masks) through ``AttentionInterface``, switches the model's
-``config._attn_implementation`` to it, and undoes all of it on exit. Inside, every attention layer adds a
-per-head bias to SDPA: the hard 0/-inf mask of an :class:`Allocation`, or the soft bias of learnable gates.
+``with windowed(model, masks, positions):`` switches the model's ``config._attn_implementation`` to headkv's
+attention function (registered once, through transformers' public ``AttentionInterface`` /
+``AttentionMaskInterface``, together with its matching mask function, or transformers would silently drop
+padding masks) and switches it back on exit. Inside, every attention layer adds a per-head bias to SDPA: the
+hard 0/-inf mask of per-head (sink, window) tensors (:class:`HardMask`), or the soft bias of learnable gates.
 No model ``forward`` is copied, so GPT-NeoX (MHA, partial rotary) and Llama-style GQA models work alike;
-query heads that share a KV head get that KV head's bias.
+query heads that share a KV head get that KV head's bias. Outside ``windowed`` the registered function is
+plain SDPA. Users do not call ``windowed`` with an allocation: :func:`alloc.allocation.applied` is the one
+door that checks an allocation against the model and builds the mask and cache from it.
 
 A mask provider is anything with ``bias(layer, q_pos, k_pos) -> (kv_heads, Q, K)``. Positions default
 to a full cache (keys 0..K-1, the queries the last Q of them). An evicting cache passes itself as
@@ -29,10 +32,10 @@ from typing import Iterator, Protocol
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from alloc import window as win
-from alloc.allocation import Allocation, AllocationError
+from models import window as win
+from models.common import HeadkvError
 
 IMPLEMENTATION = "headkv"
 
@@ -49,12 +52,11 @@ class PositionSource(Protocol):
         ...
 
 
-class AllocationMask:
-    """The hard mask of an allocation, as a mask provider (tensors built once, on the model's device)."""
+class HardMask:
+    """The hard mask of per-(layer, KV head) sink and window counts (long tensors (layers, KV heads))."""
 
-    def __init__(self, allocation: Allocation, device: torch.device | str = "cpu") -> None:
-        self.allocation = allocation
-        self.sink, self.window = allocation.tensors(device)
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor) -> None:
+        self.sink, self.window = sink, window
 
     def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return win.hard_bias(q_pos, k_pos, self.sink[layer], self.window[layer], torch.float32)
@@ -88,9 +90,9 @@ class Rotary:
         found = [m for m in model.modules()
                  if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq")]
         if not found:
-            raise ValueError("position re-indexing needs a model with rotary position embeddings")
+            raise HeadkvError("position re-indexing needs a model with rotary position embeddings")
         if getattr(found[0], "rope_type", "default") in ("dynamic", "longrope"):
-            raise ValueError(f"position re-indexing does not support rope_type '{found[0].rope_type}'")
+            raise HeadkvError(f"position re-indexing does not support rope_type '{found[0].rope_type}'")
         self.inv_freq = found[0].inv_freq.double()  # (F,)
         self.dim = 2 * self.inv_freq.numel()
 
@@ -112,6 +114,8 @@ class _State:
 
 
 _ACTIVE: dict[int, _State] = {}  # id(model.config) -> state, only while inside windowed()
+CAPTURE = "headkv_capture"
+_CAPTURE: dict[int, "AttentionCallback"] = {}  # id(model.config) -> callback, only inside captured()
 _LOCK = threading.Lock()
 
 
@@ -141,7 +145,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
     quick = getattr(state.positions, "decode_bias", None)
-    if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, AllocationMask):
+    if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
         # an evicting cache after a one-token write holds exactly the keys this query may see: only its
         # padding needs masking (None: no mask at all, so SDPA can take its fastest kernel)
         bias = quick(module.layer_idx, k_len)  # (Hkv, 1, K) or None
@@ -234,58 +238,28 @@ def _mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def _register() -> None:
-    AttentionInterface.register(IMPLEMENTATION, _attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, _mask)
-
-
-def _unregister() -> None:
-    AttentionInterface._global_mapping.pop(IMPLEMENTATION, None)
-    AttentionMaskInterface._global_mapping.pop(IMPLEMENTATION, None)
-
-
-def as_mask_provider(masks: Allocation | MaskProvider, model: PreTrainedModel) -> MaskProvider:
-    if isinstance(masks, Allocation):
-        from models.loading import model_shape
-
-        shape = model_shape(model)
-        masks.check_model(shape.model_id, shape.shape, shape.q_per_kv)
-        return AllocationMask(masks, model.device)
-    return masks
+AttentionInterface.register(IMPLEMENTATION, _attention)  # once, public API; plain SDPA outside windowed()
+AttentionMaskInterface.register(IMPLEMENTATION, _mask)
 
 
 @contextmanager
 def windowed(
-    model: PreTrainedModel,
-    masks: Allocation | MaskProvider | None,
-    positions: PositionSource | None = None,
+    model: PreTrainedModel, masks: MaskProvider, positions: PositionSource | None = None
 ) -> Iterator[PreTrainedModel]:
-    """Apply per-head sink+window masks (or soft gates) to ``model`` inside the block.
+    """Apply per-head masks (a :class:`HardMask` or soft gates) to ``model`` inside the block.
 
-    ``masks=None`` means full attention: the model runs untouched.
+    Callers with an allocation go through :func:`alloc.allocation.applied`, which checks its shape first.
     """
-    if masks is None:
-        if getattr(positions, "evicting", False):
-            raise ValueError("an evicting cache needs the allocation it evicts by: "
-                             "windowed(model, allocation, positions=cache)")
-        yield model
-        return
-    held = getattr(positions, "allocation", None)
-    if held is not None and isinstance(masks, Allocation) and held != masks:
-        raise AllocationError(f"the cache evicts by allocation '{held.name}' but the mask is '{masks.name}'")
-    provider = as_mask_provider(masks, model)
     rotary = None
     if getattr(positions, "reindex", False):
-        if not isinstance(provider, AllocationMask):
-            raise ValueError("position re-indexing needs a hard allocation (sink + window per head)")
+        if not isinstance(masks, HardMask):
+            raise ValueError("position re-indexing needs a hard mask (sink + window per head)")
         rotary = Rotary(model)
     key = id(model.config)
     with _LOCK:
-        if key in _ACTIVE:
+        if key in _ACTIVE or key in _CAPTURE:
             raise RuntimeError("windowed() is already active on this model; nesting is not supported")
-        if not _ACTIVE:
-            _register()
-        _ACTIVE[key] = _State(provider, positions or FullCache(), rotary)
+        _ACTIVE[key] = _State(masks, positions or FullCache(), rotary)
         previous = model.config._attn_implementation
         model.config._attn_implementation = IMPLEMENTATION
     try:
@@ -294,8 +268,6 @@ def windowed(
         with _LOCK:
             model.config._attn_implementation = previous
             _ACTIVE.pop(key, None)
-            if not _ACTIVE:
-                _unregister()
 
 
 def is_active_source(positions: object) -> bool:
@@ -304,18 +276,15 @@ def is_active_source(positions: object) -> bool:
 
 
 def is_clean(model: PreTrainedModel) -> bool:
-    """True when nothing of the patch remains on ``model`` or in transformers' registries."""
+    """True when nothing of the patch remains on ``model`` (its attention implementation is its own again)."""
     return (
-        model.config._attn_implementation != IMPLEMENTATION
+        model.config._attn_implementation not in (IMPLEMENTATION, CAPTURE)
         and id(model.config) not in _ACTIVE
-        and IMPLEMENTATION not in AttentionInterface._global_mapping
-        and IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+        and id(model.config) not in _CAPTURE
     )
 
 
 # ---- attention capture (head classification) ---------------------------------------------------------
-CAPTURE = "headkv_capture"
-_CAPTURE: dict[int, "AttentionCallback"] = {}  # id(model.config) -> callback, only inside captured()
 
 
 class AttentionCallback(Protocol):
@@ -344,6 +313,10 @@ def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return out
 
 
+AttentionInterface.register(CAPTURE, _capture_attention)
+AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+
+
 @contextmanager
 def captured(model: PreTrainedModel, callback: AttentionCallback) -> Iterator[PreTrainedModel]:
     """Run ``model`` with full attention and hand every layer's attention probabilities to ``callback``."""
@@ -351,8 +324,6 @@ def captured(model: PreTrainedModel, callback: AttentionCallback) -> Iterator[Pr
     with _LOCK:
         if key in _ACTIVE or key in _CAPTURE:
             raise RuntimeError("captured() cannot nest with windowed() or captured() on the same model")
-        AttentionInterface.register(CAPTURE, _capture_attention)
-        AttentionMaskInterface.register(CAPTURE, sdpa_mask)
         _CAPTURE[key] = callback
         previous = model.config._attn_implementation
         model.config._attn_implementation = CAPTURE
@@ -362,9 +333,6 @@ def captured(model: PreTrainedModel, callback: AttentionCallback) -> Iterator[Pr
         with _LOCK:
             model.config._attn_implementation = previous
             _CAPTURE.pop(key, None)
-            if not _CAPTURE:
-                AttentionInterface._global_mapping.pop(CAPTURE, None)
-                AttentionMaskInterface._global_mapping.pop(CAPTURE, None)
 
 
 @torch.no_grad()

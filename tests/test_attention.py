@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alloc.allocation import Allocation, AllocationError
-from models.attention import is_clean, windowed
+from alloc.allocation import Allocation, AllocationError, applied
+from models.attention import is_clean
 from models.loading import model_shape
 from tests.conftest import VOCAB, tiny_model
 
@@ -20,7 +20,7 @@ def test_covering_windows_reproduce_stock_logits(tiny):
     x = torch.randint(0, VOCAB, (2, 48))
     ref = tiny(x).logits
     for sink, window in [(0, 48), (4, 44), (0, 1000)]:
-        with windowed(tiny, _alloc(tiny, sink, window)):
+        with applied(tiny, _alloc(tiny, sink, window)):
             out = tiny(x).logits
         assert (out - ref).abs().max() <= 1e-4
     assert is_clean(tiny)
@@ -29,7 +29,7 @@ def test_covering_windows_reproduce_stock_logits(tiny):
 def test_nothing_remains_after_exit_even_on_error(tiny):
     impl = tiny.config._attn_implementation
     with pytest.raises(RuntimeError, match="boom"):
-        with windowed(tiny, _alloc(tiny, 0, 4)):
+        with applied(tiny, _alloc(tiny, 0, 4)):
             assert not is_clean(tiny)
             raise RuntimeError("boom")
     assert is_clean(tiny) and tiny.config._attn_implementation == impl
@@ -44,7 +44,7 @@ def _arch(model) -> str:
 def test_small_windows_change_logits_and_only_after_the_window(tiny):
     x = torch.randint(0, VOCAB, (1, 40))
     ref = tiny(x).logits
-    with windowed(tiny, _alloc(tiny, 2, 6)):
+    with applied(tiny, _alloc(tiny, 2, 6)):
         out = tiny(x).logits
     # positions t < sink + window see every earlier token, so they are unchanged
     assert (out[:, :8] - ref[:, :8]).abs().max() <= 1e-4
@@ -75,7 +75,7 @@ def test_per_head_windows_act_per_kv_head(tiny):
     try:
         ref_out = tiny(x).logits
         ref = {k: v.clone() for k, v in captured.items()}
-        with windowed(tiny, a):
+        with applied(tiny, a):
             out = tiny(x).logits
     finally:
         for h in handles:
@@ -86,7 +86,7 @@ def test_per_head_windows_act_per_kv_head(tiny):
 
 def test_allocation_for_another_model_is_refused(tiny):
     with pytest.raises(AllocationError, match="has shape"):
-        with windowed(tiny, Allocation.uniform((5, 7), 0, 8)):
+        with applied(tiny, Allocation.uniform((5, 7), 0, 8)):
             pass
     assert is_clean(tiny)
 

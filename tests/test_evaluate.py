@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alloc.allocation import Allocation
+from alloc.allocation import Allocation, applied
 from alloc.evaluate import evaluate, paired_log_ppl_diff
-from models.attention import windowed
 from models.loading import model_shape
 from tests.conftest import VOCAB
 
@@ -41,7 +40,7 @@ def test_allocation_rows_use_the_masked_forward(tiny):
     small = Allocation.uniform(s.shape, 4, 4, q_per_kv=s.q_per_kv, meta={"policy": "small"})
     full, c, sm = evaluate(tiny, None, blocks), evaluate(tiny, cover, blocks), evaluate(tiny, small, blocks)
     assert c.ppl == pytest.approx(full.ppl, rel=1e-5)
-    with windowed(tiny, small), torch.no_grad():
+    with applied(tiny, small), torch.no_grad():
         logits = tiny(blocks).logits[:, :-1]
     nll = F.cross_entropy(logits.reshape(-1, VOCAB), blocks[:, 1:].reshape(-1))
     assert sm.ppl == pytest.approx(math.exp(float(nll)), rel=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from alloc.allocation import Allocation
+from alloc.allocation import Allocation, applied
 from alloc.gates import GateError, SoftMask, WindowGates, budget_windows, round_to_budget
 from alloc.policies import PolicyContext, build
 from models.attention import windowed
@@ -32,7 +32,7 @@ def test_soft_mask_becomes_the_hard_mask_as_tau_goes_to_zero(arch):
     sink, window = alloc.tensors()
     assert len(set(window.flatten().tolist())) > 1  # heads really differ
     tokens = torch.randint(0, lm.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), windowed(lm, alloc):
+    with torch.no_grad(), applied(lm, alloc):
         hard = lm(tokens).logits
     errors = []
     for tau in (4.0, 0.3, 0.02):

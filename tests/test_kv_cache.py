@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alloc import window as win
-from alloc.allocation import Allocation, AllocationError
-from models.attention import FullCache, is_clean, windowed
+from alloc.allocation import Allocation, AllocationError, applied
+from models import window as win
+from models.attention import is_clean
 from models.kv_cache import PerHeadCache
 from models.loading import freeze, model_shape
 from tests.conftest import VOCAB, tiny_config, tiny_model
@@ -26,14 +26,13 @@ def random_alloc(model, seed: int = 1, max_sink: int = 4, max_window: int = 12) 
 
 
 def masked_logits(model, alloc, x, reindex: bool = False) -> torch.Tensor:
-    with windowed(model, alloc, positions=FullCache(reindex)), torch.no_grad():
+    with applied(model, alloc, reindex=reindex), torch.no_grad():
         return model(x).logits
 
 
 def streamed_logits(model, alloc, x, chunk: int = 1, reindex: bool = False, check=None) -> torch.Tensor:
-    cache = PerHeadCache(alloc, reindex=reindex)
     out = []
-    with windowed(model, alloc, positions=cache), torch.no_grad():
+    with applied(model, alloc, evict=True, reindex=reindex) as cache, torch.no_grad():
         for lo in range(0, x.shape[1], chunk):
             out.append(model(x[:, lo : lo + chunk], cache=cache, use_cache=True).logits)
             if check:
@@ -81,7 +80,7 @@ def test_chunked_forward_equals_token_by_token(tiny, chunk):
 
 def _masked_greedy(model, alloc, prompt, n):
     seq = prompt
-    with windowed(model, alloc), torch.no_grad():
+    with applied(model, alloc), torch.no_grad():
         for _ in range(n):
             seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
     return seq
@@ -91,8 +90,7 @@ def test_generate_and_decode_loop_match_masked_recompute(tiny):
     alloc = random_alloc(tiny, seed=5)
     prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(6))
     ref = _masked_greedy(tiny, alloc, prompt, 40)
-    cache = PerHeadCache(alloc)
-    with windowed(tiny, alloc, positions=cache):
+    with applied(tiny, alloc, evict=True) as cache:
         out = tiny.generate(
             prompt,
             past_key_values=cache,
@@ -105,7 +103,7 @@ def test_generate_and_decode_loop_match_masked_recompute(tiny):
     assert cache.bytes_held() == alloc.kv_bytes(
         cache.get_seq_length(), model_shape(tiny).head_dim, torch.float32
     )
-    from models.passkey import greedy
+    from alloc.passkey import greedy
 
     assert torch.equal(greedy(tiny, alloc, prompt, 40, prefill_chunk=8), ref[:, 20:])
     assert is_clean(tiny)
@@ -118,8 +116,7 @@ def test_bytes_held_are_the_allocations_and_padding_is_reported_separately(tiny)
     x = torch.randint(0, VOCAB, (1, 50))
     for alloc in (ragged, uniform):
         for t in (5, 50):  # while heads fill, and after they evict
-            cache = PerHeadCache(alloc)
-            with windowed(tiny, alloc, positions=cache), torch.no_grad():
+            with applied(tiny, alloc, evict=True) as cache, torch.no_grad():
                 tiny(x[:, :t], cache=cache)
             assert cache.bytes_held() == alloc.kv_bytes(t, s.head_dim, torch.float32)
             assert cache.kept_tokens() == alloc.kv_tokens(t)
@@ -160,24 +157,19 @@ def test_reindexed_decode_equals_reindexed_masked_forward(tiny):
 def test_misuse_is_refused(tiny):
     alloc = random_alloc(tiny)
     x = torch.randint(0, VOCAB, (1, 8))
-    cache = PerHeadCache(alloc)
-    with pytest.raises(RuntimeError, match="inside windowed"):
+    cache = PerHeadCache(*alloc.tensors())
+    with pytest.raises(RuntimeError, match="inside applied"):
         tiny(x, cache=cache)
-    other = random_alloc(tiny, seed=11)
-    with pytest.raises(AllocationError, match="evicts by"):
-        with windowed(tiny, other, positions=PerHeadCache(alloc)):
-            pass
     with pytest.raises(ValueError, match="padded"):
-        cache = PerHeadCache(alloc)
-        with windowed(tiny, alloc, positions=cache):
+        with applied(tiny, alloc, evict=True) as cache:
             tiny(
                 torch.randint(0, VOCAB, (2, 8)),
                 attention_mask=torch.tensor([[0] * 2 + [1] * 6, [1] * 8]),
                 cache=cache,
             )
     wrong = Allocation.uniform((model_shape(tiny).n_layers, 5), 0, 4, q_per_kv=model_shape(tiny).q_per_kv)
-    with pytest.raises(AllocationError):
-        with windowed(tiny, wrong, positions=PerHeadCache(wrong)):
+    with pytest.raises(AllocationError, match="has shape"):
+        with applied(tiny, wrong, evict=True):
             pass
     assert is_clean(tiny)
 
@@ -194,8 +186,7 @@ def test_offline_default_greedy_tokens_match_masked_recompute(smollm):
         return_tensors="pt",
     )["input_ids"]
     ref = _masked_greedy(model, alloc, prompt, 16)
-    cache = PerHeadCache(alloc)
-    with windowed(model, alloc, positions=cache):
+    with applied(model, alloc, evict=True) as cache:
         out = model.generate(
             prompt, cache=cache, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(prompt)
         )

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
+from alloc.passkey import NEEDLE, QUESTION, build_tasks, is_correct, passkey_heatmaps
 from alloc.results import read_rows
-from models.passkey import NEEDLE, QUESTION, build_tasks, is_correct, passkey_heatmaps
 
 
 def cli_run(*args: str) -> SimpleNamespace:
@@ -153,8 +153,8 @@ def test_passkey_config_loads():
 
 
 def test_retrieval_scores_are_attention_mass_on_the_needle(tiny):
+    from alloc.passkey import PasskeyTask, retrieval_scores
     from models.loading import model_shape
-    from models.passkey import PasskeyTask, retrieval_scores
 
     ids = torch.randint(0, 97, (30,))
     whole = retrieval_scores(tiny, [PasskeyTask(ids, "12345", 0.5, 30, (0, 30))])

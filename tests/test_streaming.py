@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-from alloc.allocation import Allocation
+from alloc.allocation import Allocation, applied
 from alloc.evaluate import evaluate
 from alloc.results import read_rows
-from models.attention import FullCache, windowed
+from alloc.streaming import stream_nll
 from models.loading import model_shape
-from models.streaming import stream_nll
 from tests.conftest import VOCAB
 from tests.test_kv_cache import random_alloc
 from tests.test_passkey import cli_run as _cli
@@ -20,7 +19,7 @@ from tests.test_passkey import make_tiny_dir
 
 
 def _masked_log_ppl(model, alloc, x: torch.Tensor, reindex: bool) -> float:
-    with windowed(model, alloc, positions=FullCache(reindex)), torch.no_grad():
+    with applied(model, alloc, reindex=reindex), torch.no_grad():
         logits = model(x.view(1, -1)).logits[0, :-1]
     return float(torch.nn.functional.cross_entropy(logits, x[1:]))
 

@@ -4,6 +4,9 @@ the CLI from train to evaluate, and one-line errors on bad input."""
 from __future__ import annotations
 
 import csv
+import os
+import pickle
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,14 +19,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import cli
 from alloc.allocation import Allocation
 from alloc.train import (
+    RESUME_KEYS,
     TrainConfig,
     TrainError,
+    check_resume,
     export_checkpoint,
     fit,
     load_checkpoint_meta,
     lr_factor,
+    resume_run_dir,
     tau_at,
 )
+from models.common import HeadkvError
 from models.corpus import load_documents
 from models.loading import load_model
 
@@ -80,6 +87,15 @@ def tiny_lm(assets):
 
 def config(assets, **kw) -> TrainConfig:
     return TrainConfig.from_dict({**TINY, "model": str(assets["model"]), "corpus": assets["corpus"], **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> Path:
+    """A finished 2-step run directory (read-only for the tests that share it)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    lm, tok = load_model(str(assets["model"]))
+    fit(lm, tok, config(assets, max_steps=2), run_dir, "t-trained", progress=False)
+    return run_dir
 
 
 def gate_logits(run_dir: Path) -> torch.Tensor:
@@ -151,13 +167,20 @@ class StopAt(L.Callback):
         trainer.should_stop = trainer.should_stop or trainer.global_step >= self.step
 
 
-def test_resume_continues_exactly_where_the_run_stopped(assets, tiny_lm, tmp_path):
+def test_resume_continues_exactly_where_the_run_stopped(assets, tiny_lm, tmp_path, monkeypatch):
     """Also the schedules: a cosine learning rate resumes at the step it stopped."""
     lm, tok = tiny_lm
     kw = dict(lr_schedule="cosine")
     fit(lm, tok, config(assets, **kw), tmp_path / "straight", "t-straight", progress=False)
     fit(lm, tok, config(assets, **kw), tmp_path / "split", "t-split", progress=False, callbacks=[StopAt(2)])
     assert load_checkpoint_meta(tmp_path / "split")[0]["global_step"] == 2
+    calls, load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
     fit(
         lm,
         tok,
@@ -167,6 +190,7 @@ def test_resume_continues_exactly_where_the_run_stopped(assets, tiny_lm, tmp_pat
         resume=tmp_path / "split/checkpoints/last.ckpt",
         progress=False,
     )
+    assert len(calls) >= 2 and all(w is True for w in calls), calls  # ours and Lightning's: both safe
     assert load_checkpoint_meta(tmp_path / "split")[0]["global_step"] == 4
     assert torch.allclose(gate_logits(tmp_path / "straight"), gate_logits(tmp_path / "split"), atol=1e-6)
 
@@ -247,14 +271,14 @@ def test_cli_train_export_evaluate_end_to_end(assets, tmp_path, monkeypatch, cap
         ("high_budget", "budget 40 is infeasible"),
         ("missing_budget", "missing config key 'budget'"),
         ("unknown_key", "unknown key(s) windowz"),
-        ("other_model", "with a different model"),
+        ("other_model", "cannot resume"),
         ("export_other_model", "is from model"),
         ("not_a_checkpoint", "cannot read checkpoint"),
         ("export_budget", "budget 2 is infeasible"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
-    assets, tmp_path, monkeypatch, capsys, case, message
+    assets, tmp_path, monkeypatch, capsys, request, case, message
 ):
     monkeypatch.chdir(tmp_path)
     fake_run = tmp_path / "fake"
@@ -284,9 +308,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         "export_budget": ["export", "RUN", "--budget", 2, "-o", "out/x.json"],
     }[case]
     if "RUN" in args:
-        run_dir = tmp_path / "trained"
-        lm, tok = load_model(str(assets["model"]))
-        fit(lm, tok, config(assets, max_steps=1), run_dir, "t-bad", progress=False)
+        run_dir = request.getfixturevalue("trained")
         args = [a if a != "RUN" else run_dir for a in args]
         capsys.readouterr()
     code, out, err = run_cli(monkeypatch, capsys, *args)
@@ -302,3 +324,173 @@ def test_train_config_refuses_unknown_and_invalid_values():
         TrainConfig.from_dict({"budget": 64, "objective": "mse"})
     with pytest.raises(TrainError, match="infeasible"):
         TrainConfig.from_dict({"budget": 2048})
+
+
+class RunsCode:
+    """A pickle that runs a shell command when it is unpickled: what a crafted checkpoint would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def crafted_checkpoints(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """(marker, files): crafted pickles in every form torch.load reads, each named like a checkpoint."""
+    marker = tmp_path / "pwned"
+    payload = {"headkv": RunsCode(marker), "state_dict": {"gates.logits": torch.zeros(2, 2)}}
+    files = []
+    for name, save in [
+        ("torch_zip.ckpt", lambda obj, f: torch.save(obj, f)),
+        ("torch_legacy.ckpt", lambda obj, f: torch.save(obj, f, _use_new_zipfile_serialization=False)),
+        ("plain_pickle.ckpt", lambda obj, f: pickle.dump(obj, open(f, "wb"))),
+    ]:
+        save(payload, tmp_path / name)
+        files.append(tmp_path / name)
+    run = tmp_path / "crafted_run" / "checkpoints"
+    run.mkdir(parents=True)
+    torch.save(payload, run / "last.ckpt")
+    files.append(tmp_path / "crafted_run")  # a run directory: its checkpoints/last.ckpt
+    return marker, files
+
+
+def one_line_naming(err: TrainError, path: Path) -> str:
+    msg = str(err)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_the_crafted_pickle_would_run_code_if_unpickled(tmp_path):
+    """The premise of the tests below: unpickling these files unsafely does run the command."""
+    marker, files = crafted_checkpoints(tmp_path)
+    pickle.load(open(files[2], "rb"))
+    assert marker.exists()
+
+
+def test_a_crafted_checkpoint_never_runs_code(assets, tiny_lm, tmp_path, monkeypatch, capsys):
+    """Export, load and resume (library and CLI) refuse a pickle with objects in it, without running it."""
+    monkeypatch.chdir(tmp_path)
+    marker, files = crafted_checkpoints(tmp_path)
+    lm, tok = tiny_lm
+    for path in files:
+        shown = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+        for load in (
+            load_checkpoint_meta,
+            export_checkpoint,
+            lambda p: fit(lm, tok, config(assets), tmp_path / "out", "t-crafted", resume=p, progress=False),
+        ):
+            with pytest.raises(TrainError) as e:
+                load(path)
+            msg = one_line_naming(e.value, shown)
+            assert "cannot read checkpoint" in msg and "system" in msg, msg
+        for args in (["export", path, "-o", "out/x.json"], ["train", "--resume", path, "--out-dir", "out"]):
+            code, out, err = run_cli(monkeypatch, capsys, *args)
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot read checkpoint"), err
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_or_malformed_checkpoints_are_one_line_train_errors(trained, tmp_path):
+    real = trained / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(real, map_location="cpu", weights_only=True)  # headkv's own checkpoints load safely
+    meta = ckpt["headkv"]
+    text = tmp_path / "text.ckpt"
+    text.write_text("not a checkpoint")
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    cases = {
+        text: "cannot read checkpoint",
+        torn: "cannot read checkpoint",
+        empty: "cannot read checkpoint",
+        tmp_path / "nothing.ckpt": "does not exist",
+        tmp_path: "does not exist",  # a directory without checkpoints/last.ckpt
+    }
+    bad = {
+        "foreign.ckpt": ({"state_dict": {"w": torch.zeros(2)}}, "is not a headkv training checkpoint"),
+        "list.ckpt": ([1, 2, 3], "is not a headkv training checkpoint"),
+        "meta_list.ckpt": ({**ckpt, "headkv": [1]}, "malformed"),
+        "no_run_id.ckpt": ({**ckpt, "headkv": {k: v for k, v in meta.items() if k != "run_id"}}, "lacks run_id"),
+        "no_gates.ckpt": ({**ckpt, "state_dict": {}}, "lacks gates.logits"),
+        "shape_str.ckpt": ({**ckpt, "headkv": {**meta, "shape": "2x2"}}, "malformed shape"),
+        "logits_shape.ckpt": ({**ckpt, "state_dict": {"gates.logits": torch.zeros(3, 5)}}, "malformed gates.logits"),
+        "logits_int.ckpt": ({**ckpt, "state_dict": {"gates.logits": torch.zeros(2, 2, dtype=torch.long)}}, "malformed"),
+        "step_str.ckpt": ({**ckpt, "global_step": "4"}, "malformed global_step"),
+        "config_str.ckpt": ({**ckpt, "headkv": {**meta, "config": "budget=12"}}, "malformed config"),
+        "config_bad.ckpt": ({**ckpt, "headkv": {**meta, "config": {**meta["config"], "sink": "four"}}}, "bad config"),
+        "config_key.ckpt": ({**ckpt, "headkv": {**meta, "config": {**meta["config"], "x": 1}}}, "bad config"),
+    }
+    for name, (obj, message) in bad.items():
+        torch.save(obj, tmp_path / name)
+        cases[tmp_path / name] = message
+    for path, message in cases.items():
+        shown = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+        for load in (load_checkpoint_meta, export_checkpoint):
+            with pytest.raises(TrainError) as e:
+                load(path)
+            assert message in one_line_naming(e.value, shown), (path.name, str(e.value))
+    assert issubclass(TrainError, HeadkvError)
+
+
+def test_resume_needs_the_optimizer_state_and_the_same_configuration(assets, tiny_lm, trained, tmp_path):
+    lm, tok = tiny_lm
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    gates_only = tmp_path / "gates" / "checkpoints" / "last.ckpt"
+    gates_only.parent.mkdir(parents=True)
+    torch.save({k: ckpt[k] for k in ("headkv", "state_dict", "global_step")}, gates_only)
+    assert export_checkpoint(gates_only) == export_checkpoint(trained)  # enough to export ...
+    with pytest.raises(TrainError, match="holds no optimizer, scheduler and loop state"):  # ... not to resume
+        fit(lm, tok, config(assets, max_steps=2), tmp_path / "gates", "t-gates", resume=gates_only)
+    with pytest.raises(TrainError) as e:
+        fit(lm, tok, config(assets, max_steps=2, objective="ce", lr=0.1), tmp_path / "out", "t-x", resume=trained)
+    path = trained / "checkpoints" / "last.ckpt"
+    assert str(e.value) == (
+        f"cannot resume {path}: it was trained with lr=0.3, objective=kl; this run asks lr=0.1, objective=ce"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "gates" / "csv").exists()
+
+
+def test_check_resume_lists_every_changed_key_that_changes_the_result():
+    saved = TrainConfig(budget=12, batch_size=1, objective="kl").to_dict()
+    check_resume(saved, TrainConfig(budget=12))  # the same run
+    logistics = dict(threads=3, wandb_mode="disabled", wandb_project="p", log_every=7, eval_every=9,
+                     ckpt_every=11, accelerator="gpu", strategy="ddp")
+    check_resume(saved, TrainConfig(budget=12, **logistics))  # free to change
+    with pytest.raises(TrainError) as e:
+        check_resume(saved, TrainConfig(budget=12, batch_size=2, objective="ce"), "runs/b12/checkpoints/last.ckpt")
+    assert str(e.value) == (
+        "cannot resume runs/b12/checkpoints/last.ckpt: it was trained with batch_size=1, objective=kl; "
+        "this run asks batch_size=2, objective=ce"
+    )
+    changed = dict(
+        model="other", corpus="pg19", budget=16, sink=2, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
+        lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear",
+        objective="ce", n_blocks=7, val_blocks=2, dtype="bfloat16", precision="bf16-mixed", devices=2, seed=1,
+    )
+    assert set(changed) == set(RESUME_KEYS)
+    assert set(RESUME_KEYS) | set(logistics) == set(TrainConfig().to_dict())  # every field decided
+    for key, value in changed.items():
+        with pytest.raises(TrainError, match=f"trained with {key}=.*; this run asks {key}={value}$"):
+            check_resume(saved, TrainConfig(**{**saved, key: value}))
+    with pytest.raises(TrainError) as e:
+        check_resume(saved, TrainConfig(**{**saved, **changed}))
+    assert all(f"{k}=" in str(e.value) for k in changed) and "\n" not in str(e.value)
+    old = {k: v for k, v in saved.items() if k != "lr_end_frac"}  # a checkpoint older than a key: its default
+    check_resume(old, TrainConfig(budget=12))
+    with pytest.raises(TrainError, match="lr_end_frac=0.1; this run asks lr_end_frac=0.2"):
+        check_resume(old, TrainConfig(budget=12, lr_end_frac=0.2))
+    assert issubclass(TrainError, HeadkvError)
+
+
+def test_resume_run_dir_is_the_directory_that_holds_the_checkpoint(trained, tmp_path):
+    assert resume_run_dir(load_checkpoint_meta(trained)[0]) == trained
+    assert resume_run_dir(load_checkpoint_meta(trained / "checkpoints" / "last.ckpt")[0]) == trained
+    assert resume_run_dir({"path": "runs/b12/checkpoints/step2.ckpt"}) == Path("runs/b12")
+    assert resume_run_dir({"path": "runs/b12/checkpoints/../checkpoints/last.ckpt"}) == Path("runs/b12")
+    stray = tmp_path / "copy.ckpt"
+    stray.write_bytes((trained / "checkpoints" / "last.ckpt").read_bytes())
+    with pytest.raises(TrainError, match=f"cannot resume {stray}: it is not in a run directory"):
+        resume_run_dir(load_checkpoint_meta(stray)[0])

@@ -24,11 +24,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation
-from models.attention import windowed
-from models.kv_cache import PerHeadCache, kv_bytes_of
+from alloc.allocation import Allocation, applied, kv_bytes
+from models.kv_cache import kv_bytes_of
 from models.loading import model_shape
 
 log = logging.getLogger(__name__)
@@ -56,25 +55,6 @@ class StreamResult:
         return asdict(self)
 
 
-def new_cache(model: PreTrainedModel, allocation: Allocation | None, reindex: bool = False):
-    """The cache a stream goes through: per-head evicting for an allocation, DynamicCache for full."""
-    if allocation is None:
-        if reindex:
-            raise ValueError("full attention holds every token: there is nothing to re-index")
-        return DynamicCache(config=model.config)
-    return PerHeadCache(allocation, reindex=reindex)
-
-
-def _predicted(model: PreTrainedModel, allocation: Allocation | None, n: int) -> tuple[int, int, float]:
-    """(allocation's KV bytes, full attention's KV bytes, Eff.Ctx) after ``n`` tokens."""
-    shape = model_shape(model)
-    elt = torch.empty((), dtype=model.dtype).element_size()
-    full = 2 * shape.n_layers * shape.n_kv_heads * n * shape.head_dim * elt
-    if allocation is None:
-        return full, full, float(n)
-    return allocation.kv_bytes(n, shape.head_dim, model.dtype), full, allocation.eff_ctx()
-
-
 @torch.no_grad()
 def stream_nll(
     model: PreTrainedModel,
@@ -95,10 +75,9 @@ def stream_nll(
     start = time.perf_counter()
     n = tokens.numel()
     ids = tokens.to(model.device).view(1, -1)
-    cache = new_cache(model, allocation, reindex)
     nll = torch.zeros(n - 1, dtype=torch.float64)
     correct = 0
-    with windowed(model, allocation, positions=cache if allocation is not None else None):
+    with applied(model, allocation, evict=True, reindex=reindex) as cache:
         for lo in range(0, n - 1, chunk):
             hi = min(lo + chunk, n - 1)  # the last token is only a target
             logits = model(ids[:, lo:hi], cache=cache, use_cache=True).logits[0].float()  # (q, V)
@@ -107,7 +86,7 @@ def stream_nll(
             correct += int((logits.argmax(-1) == target).sum())
             if progress:
                 progress(hi, n - 1)
-    predicted, full, eff = _predicted(model, allocation, cache.get_seq_length())
+    seen, shape = cache.get_seq_length(), model_shape(model)
     sums = [float(s.sum()) for s in nll.split(segment)]
     counts = [len(s) for s in nll.split(segment)]
     return StreamResult(
@@ -117,10 +96,10 @@ def stream_nll(
         chunk=chunk,
         ppl=math.exp(float(nll.mean())),
         acc=correct / (n - 1),
-        eff_ctx=eff,
+        eff_ctx=allocation.eff_ctx() if allocation is not None else float(seen),
         kv_bytes=kv_bytes_of(cache),
-        kv_bytes_predicted=predicted,
-        kv_bytes_full=full,
+        kv_bytes_predicted=kv_bytes(allocation, shape, seen, model.dtype),
+        kv_bytes_full=kv_bytes(None, shape, seen, model.dtype),
         wall_s=time.perf_counter() - start,
         segment=segment,
         segment_ppl=[math.exp(s / c) for s, c in zip(sums, counts, strict=True)],

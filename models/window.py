@@ -2,8 +2,14 @@
 
 From query position t, a head with (sink, window) attends to keys at positions
 ``[0, sink) U (t - window, t]`` (never to the future). Everything else in headkv -- the masked
-evaluator, the evicting generation cache, the learnable soft gates -- calls into this module, so
-there is exactly one place that says which keys a head sees.
+evaluator, the evicting generation cache, the learnable soft gates, every KV-bytes figure -- calls into
+this module, so there is exactly one place that says which keys a head sees and holds:
+
+- ``allowed`` / ``hard_bias``: which keys a query sees (the masked evaluator);
+- ``keep`` / ``slot`` / ``kept_tokens``: which keys a cache still holds after T tokens, where each one
+  lives (sinks first, then a ring of ``window`` slots) and how many there are (the evicting cache);
+- ``kv_bytes``: the bytes those keys and values take;
+- ``soft_bias``: the differentiable relaxation (the learnable gates).
 
 ``soft_bias`` is the differentiable relaxation used for learning: an additive attention bias
 ``logsigmoid((window - 0.5 - distance) / tau)`` on non-sink keys. As ``tau -> 0`` it becomes 0 on
@@ -59,9 +65,27 @@ def soft_bias(
     return gate.masked_fill(~causal, float("-inf"))
 
 
+def keep(p: torch.Tensor, seen: int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Which absolute positions ``p`` (P,) each head (H,) still holds once ``seen`` tokens were written:
+    exactly the keys ``allowed`` gives the next query (position ``seen``). Returns (H, P)."""
+    p = p.view(1, -1)
+    return (p < sink.view(-1, 1)) | (p > seen - 1 - window.view(-1, 1))
+
+
+def slot(p: torch.Tensor | int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Where a held key of absolute position ``p`` lives in its head's storage: the sinks at 0..sink-1, then
+    a ring of ``window`` slots (position p overwrites p - window, which no later query may see)."""
+    return torch.where(sink > p, p, sink + (p - sink) % window)
+
+
 def kept_tokens(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """How many distinct keys each head holds after ``seq_len`` tokens: min(T, sink + window)."""
     return torch.clamp(sink + window, max=seq_len)
+
+
+def kv_bytes(slots: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for ``slots`` held (sequence, layer, KV head, token) entries of ``head_dim``."""
+    return 2 * int(slots) * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def realized_context(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> float:

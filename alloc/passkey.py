@@ -22,9 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation
-from models.attention import windowed
-from models.streaming import new_cache
+from alloc.allocation import Allocation, applied
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +90,9 @@ def greedy(
     prefill_chunk: int = 256,
 ) -> torch.Tensor:
     """Greedy continuation (B, new_tokens) of prompts ``ids`` (B, T) through the allocation's real cache."""
-    cache = new_cache(model, allocation)
     ids = ids.to(model.device)
     out = []
-    with windowed(model, allocation, positions=cache if allocation is not None else None):
+    with applied(model, allocation, evict=True) as cache:
         for lo in range(0, ids.shape[1], prefill_chunk):
             logits = model(ids[:, lo : lo + prefill_chunk], cache=cache, use_cache=True).logits
         for _ in range(new_tokens):
@@ -119,9 +116,8 @@ def greedy_with_cache(
     All but the last prompt token are prefilled in chunks first (so a long prompt never needs a quadratic
     mask), then ``generate`` continues from the filled cache.
     """
-    cache = new_cache(model, allocation, reindex)
     ids = ids.to(model.device)
-    with windowed(model, allocation, positions=cache if allocation is not None else None):
+    with applied(model, allocation, evict=True, reindex=reindex) as cache:
         for lo in range(0, ids.shape[1] - 1, prefill_chunk):
             model(ids[:, lo : min(lo + prefill_chunk, ids.shape[1] - 1)], cache=cache, use_cache=True)
         out = model.generate(
