@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -129,3 +129,15 @@ def evaluate(
         chunk_nll=[float(x) for x in nll],
         chunk_tokens=[int(x) for x in cnt],
     )
+
+
+def blocks_for(tokenizer: Any, corpus: str, split: str, tokens: int, seq_len: int, encoding: str | None = None):
+    """Evaluation blocks: ``tokens`` input tokens in blocks of ``seq_len``; fewer than one block gives one
+    block of ``tokens + 1`` inputs, so exactly ``tokens`` are predicted (the study's 1000-token protocol)."""
+    from models.corpus import token_blocks
+
+    if tokens < seq_len:
+        seq_len, n_blocks = tokens + 1, 1
+    else:
+        n_blocks = tokens // seq_len
+    return token_blocks(tokenizer, corpus, split=split, seq_len=seq_len, n_blocks=n_blocks, encoding=encoding)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -249,3 +250,43 @@ def passkey_heatmaps(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> lis
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def run_passkey_file(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    entries: list[Any],
+    tasks: dict[tuple[int, float], list[PasskeyTask]],
+    out: str | Path,
+    settings: dict[str, Any],
+    *,
+    batch: int = 8,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every entry over every (length, depth) cell, one results row per cell, resumable: a cell is skipped
+    when a row with its measurement key (the allocation's content, the model, the exact task tokens) is in
+    ``out``. Returns this run's rows (old and new), labelled as this run labels them."""
+    from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
+
+    base = {"kind": "passkey", **model_identity(model)}
+    cell_keys = {cell: tokens_digest([t.ids for t in group]) for cell, group in tasks.items()}
+    latest = {r.get("key"): r for r in read_rows(out) if r.get("kind") == "passkey"}
+    rows = []
+    for e in entries:
+        keys = {cell: measurement_key(e.allocation, {**base, "tasks": d}) for cell, d in cell_keys.items()}
+        todo = {cell for cell, k in keys.items() if k not in latest}
+        tick = progress(e.label, len(todo)) if progress else None
+
+        def save(row: dict[str, Any], e=e, keys=keys, tick=tick) -> None:
+            key = keys[(row["length"], row["depth"])]
+            eff = e.allocation.eff_ctx() if e.allocation is not None else None
+            full = {**settings, **base, "key": key, "allocation": e.label, "eff_ctx": eff, **e.source, **row,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions()}
+            append_row(out, full)
+            latest[key] = full
+            if tick:
+                tick()
+
+        run_passkey(model, tokenizer, e.allocation, tasks, batch=batch, skip=set(tasks) - todo, on_row=save)
+        rows.extend({**latest[k], "allocation": e.label} for k in keys.values() if k in latest)
+    return rows

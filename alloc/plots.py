@@ -7,10 +7,15 @@
 4. ``best_configs.png``: the best configurations, each beside StreamingLLM at its own Eff.Ctx
 5. ``inverse.png``: the inverse experiment (I family)
 6. ``frontier.png``: PPL vs Eff.Ctx with the B frontier, and every configuration's distance from it
+
+Any subset of rows can be drawn: a figure whose families are missing (no A, no G, fewer than two B rows
+for the frontier, ...) is skipped with a log message, and ``ppl_vs_ctx.png`` is always drawn. Every PNG
+is written atomically (:func:`models.common.atomic_write`).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from alloc.frontier import compare_all, frontier  # noqa: E402
-from alloc.results import atomic_write  # noqa: E402
+from alloc.frontier import compare_all, frontier, row_family  # noqa: E402
+from models.common import atomic_write  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
@@ -70,17 +77,20 @@ def _b_curve(ax: plt.Axes, rows: list[dict], label: str = "B StreamingLLM") -> N
 
 
 def fig_ppl_vs_ctx(rows: list[dict], ax: plt.Axes) -> None:
-    for fam in ("A", "B", "G", "I", "J", "K"):
+    others = sorted({r["family"] for r in rows} - set(COLORS) - {"full"})  # learned allocations, files
+    extra = plt.get_cmap("tab10")
+    for n, fam in enumerate([*COLORS, *others]):
         rs = _family(rows, fam)
         if rs:
-            style = "o-" if fam in ("A", "B") else "o"
+            style = "o-" if fam in ("A", "B") else "o" if fam in COLORS else "*"
             ax.plot(
                 [r["eff_ctx"] for r in rs],
                 [r["ppl"] for r in rs],
                 style,
-                color=COLORS[fam],
-                label=NAMES[fam],
+                color=COLORS.get(fam, extra((n - len(COLORS)) % 10)),
+                label=NAMES.get(fam, fam),
                 alpha=0.85,
+                **({} if fam in COLORS else {"ms": 10}),
             )
     _full_line(ax, rows)
     ax.set(
@@ -124,6 +134,14 @@ def _bars(rs: list[dict], key: str) -> np.ndarray:
     lo = [r[key] - r[key + "_lo"] if np.isfinite(r[key + "_lo"]) else 0.0 for r in rs]
     hi = [r[key + "_hi"] - r[key] if np.isfinite(r[key + "_hi"]) else 0.0 for r in rs]
     return np.maximum(np.array([lo, hi], dtype=float), 0.0)
+
+
+def _is_g_name(name: str) -> bool:
+    try:
+        _g_params(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _g_params(name: str) -> tuple[float, int]:
@@ -232,30 +250,50 @@ def fig_frontier(rows: list[dict], axes: Any) -> None:
     note = f"A (no sink) is off this scale: up to +{worst_a:.0f}%; " if worst_a is not None else ""
     axes[0].set(xscale="log", yscale="log", ylabel="perplexity", title="The frontier view")
     axes[1].set(xscale="log", xlabel="Eff.Ctx", ylabel="PPL vs B at the same Eff.Ctx (%, paired 95% CI)")
-    axes[1].legend(
-        fontsize=7, ncol=3, title=note + "open marker: extrapolated beyond the B range", title_fontsize=7
-    )
+    if cmps:
+        axes[1].legend(
+            fontsize=7, ncol=3, title=note + "open marker: extrapolated beyond the B range", title_fontsize=7
+        )
+
+
+def _missing(rows: list[dict], needs: tuple[str, ...]) -> str | None:
+    """What a figure that needs ``needs`` lacks in ``rows``, or None. A need is a family, "frontier" (two B
+    rows) or "others" (a row that is neither B nor full attention)."""
+    fams = {r["family"] for r in rows}
+    have = {
+        "frontier": (len(frontier(rows)) >= 2, "two B rows (the StreamingLLM frontier)"),
+        "others": (bool(fams - {"B", "full"}), "a configuration other than B and full attention"),
+    }
+    lacking = [have[n][1] if n in have else f"{n} rows" for n in needs if not have.get(n, (n in fams,))[0]]
+    return ", ".join(lacking) or None
 
 
 def plot_all(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
-    """Draw the six figures into ``out``; returns their paths."""
+    """Draw the six figures into ``out`` (those the rows' families allow); returns their paths."""
     out = Path(out)
-    rows = [{**r, "family": r.get("family") or r["name"].split("_")[0]} for r in rows]
+    rows = [{**r, "family": row_family(r)} for r in rows]
+    # a row that says G but is not named G_conf{t}_base{b} has no threshold: it is its own family here
+    rows = [r if r["family"] != "G" or _is_g_name(r["name"]) else {**r, "family": r["name"]} for r in rows]
     bases = sorted({_g_params(r["name"])[1] for r in rows if r["family"] == "G"})
-    figures: list[tuple[str, tuple, Callable[[Any], None]]] = [
-        ("ppl_vs_ctx", (1, 1, (8, 5.5)), lambda ax: fig_ppl_vs_ctx(rows, ax)),
-        ("sink_importance", (1, 2, (12, 4.5)), lambda ax: fig_sink(rows, ax)),
+    figures: list[tuple[str, tuple, tuple[str, ...], Callable[[Any], None]]] = [
+        ("ppl_vs_ctx", (1, 1, (8, 5.5)), (), lambda ax: fig_ppl_vs_ctx(rows, ax)),
+        ("sink_importance", (1, 2, (12, 4.5)), ("A", "B"), lambda ax: fig_sink(rows, ax)),
         (
             "confidence_threshold",
             (1, max(len(bases), 1), (6 * max(len(bases), 1), 4.5)),
+            ("G", "frontier"),
             lambda ax: fig_threshold(rows, np.atleast_1d(ax), bases),
         ),
-        ("best_configs", (1, 1, (9, 6)), lambda ax: fig_best(rows, ax)),
-        ("inverse", (1, 2, (13, 5)), lambda ax: fig_inverse(rows, ax)),
-        ("frontier", (2, 1, (9, 8)), lambda ax: fig_frontier(rows, ax)),
+        ("best_configs", (1, 1, (9, 6)), ("frontier", "others"), lambda ax: fig_best(rows, ax)),
+        ("inverse", (1, 2, (13, 5)), ("I", "frontier"), lambda ax: fig_inverse(rows, ax)),
+        ("frontier", (2, 1, (9, 8)), ("frontier",), lambda ax: fig_frontier(rows, ax)),
     ]
     paths = []
-    for name, (nr, nc, size), draw in figures:
+    for name, (nr, nc, size), needs, draw in figures:
+        lacking = _missing(rows, needs)
+        if lacking:
+            log.info("skipping %s.png: it needs %s", name, lacking)
+            continue
         fig, ax = plt.subplots(nr, nc, figsize=size, squeeze=True, layout="constrained")
         draw(ax)
         for a in np.atleast_1d(ax):

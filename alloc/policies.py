@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from alloc.allocation import Allocation, AllocationError
@@ -155,3 +156,44 @@ def small_gathering(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
 def uniform_aware(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
     w = int(p["W"])
     return _uniform(ctx, STUDY_SINK, w, budget=w + STUDY_SINK)
+
+
+# ---- the one resolver: policy names and allocation files -> rows to measure ---------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One row to measure: a display label, the allocation (None = full attention) and where it came from."""
+
+    label: str
+    allocation: Allocation | None
+    source: dict[str, Any]
+
+
+def resolve(ctx: PolicyContext, names: list[str], files: list[str]) -> list[Entry]:
+    """Every policy name and allocation file as an Entry, all checked against the model before anything
+    runs. Labels are for display only (results are keyed by content) and are made unique here."""
+    from alloc.results import file_hash
+
+    entries = [Entry(n, None, {"policy": "full"}) if n == "full" else Entry(n, build(n, ctx), {"policy": n})
+               for n in names]
+    for f in files:
+        alloc = Allocation.load(f)
+        alloc.check_model(ctx.model_id, ctx.shape, ctx.q_per_kv)
+        label = str(alloc.meta.get("policy") or Path(f).stem)
+        entries.append(Entry(label, alloc, {"file": str(f), "file_sha256": file_hash(f)}))
+    labels = unique_labels([e.label for e in entries], [e.source.get("file") for e in entries])
+    return [Entry(lab, e.allocation, e.source) for lab, e in zip(labels, entries, strict=True)]
+
+
+def unique_labels(labels: list[str], files: list[str | None] | None = None) -> list[str]:
+    """``labels`` with repeats told apart: ``name@<run folder>`` for files, else ``name#2``, ``name#3``."""
+    files = files or [None] * len(labels)
+    out: list[str] = []
+    for label, f in zip(labels, files, strict=True):
+        new = label
+        if labels.count(label) > 1 and f is not None:
+            new = f"{label}@{Path(f).parent.name or Path(f).stem}"
+        k = 2
+        while new in out:
+            new, k = f"{label}#{k}", k + 1
+        out.append(new)
+    return out

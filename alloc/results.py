@@ -1,4 +1,10 @@
-"""Results files: one JSON object per line, appended whole, read back tolerantly.
+"""Results files: one JSON object per line, appended whole, read back tolerantly, keyed by what was measured.
+
+Every resumable output (sweep, streaming, passkey) keys a row by :func:`measurement_key`: the allocation's
+content digest plus everything that changes the number -- the model (name, revision, dtype, device), the
+exact tokens scored (a digest of the token ids, which covers the corpus content, split, token count, block
+length, tokenizer and BOS) and the kind's own settings. Labels are for display only: two files that share a
+policy name never skip or show each other's rows.
 
 A row is written with a single ``write`` of one complete line followed by ``fsync``, so a killed run
 leaves at most the row in flight unwritten -- never half a line. A trailing partial line (from a crash
@@ -28,6 +34,32 @@ def versions() -> dict[str, str]:
         "lightning": lightning.__version__,
         "numpy": numpy.__version__,
     }
+
+
+def tokens_digest(tokens: Any) -> str:
+    """Digest of token ids (a tensor or a list of tensors): the exact text a number was measured on."""
+    h = hashlib.sha256()
+    for t in tokens if isinstance(tokens, (list, tuple)) else [tokens]:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().long().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What of a loaded model changes a measurement: its name or path, revision, dtype and device."""
+    cfg = model.config
+    return {
+        "model_path": str(getattr(cfg, "_name_or_path", "")),
+        "revision": getattr(cfg, "_commit_hash", None),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+    }
+
+
+def measurement_key(allocation: Any, conditions: dict[str, Any]) -> str:
+    """The resume key of one row: the allocation's content (None = full attention) + the conditions."""
+    body = {"allocation": allocation.digest() if allocation is not None else "full", **conditions}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_hash(path: str | Path) -> str:

@@ -20,7 +20,8 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,3 +107,34 @@ def stream_nll(
         segment_tokens=counts,
         segment_nll=sums,
     )
+
+
+def run_streams(
+    model: PreTrainedModel,
+    entries: list[Any],
+    stream: torch.Tensor,
+    out: str | Path,
+    settings: dict[str, Any],
+    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+) -> tuple[list[StreamResult], list[str]]:
+    """Stream ``stream`` through every entry's real cache, one results row each, resumable by measurement
+    key; returns (new results, labels skipped as already measured)."""
+    from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
+
+    conditions = {"kind": "streaming", **model_identity(model), "tokens_digest": tokens_digest(stream),
+                  "chunk": settings["chunk"], "segment": settings["segment"]}
+    done = {r.get("key") for r in read_rows(out) if r.get("kind") == "streaming"}
+    results, skipped = [], []
+    for e in entries:
+        reindex = bool(settings["reindex"]) and e.allocation is not None  # full: nothing to re-index
+        key = measurement_key(e.allocation, {**conditions, "reindex": reindex})
+        if key in done:
+            skipped.append(e.label)
+            continue
+        res = stream_nll(model, e.allocation, stream, reindex=reindex, chunk=settings["chunk"],
+                         segment=settings["segment"], name=e.label,
+                         progress=progress(e.label) if progress else None)
+        results.append(res)
+        append_row(out, {**settings, **conditions, "key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         **e.source, **res.to_dict(), "versions": versions()})
+    return results, skipped

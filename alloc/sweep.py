@@ -2,19 +2,17 @@
 
 A grid is a mapping from a policy-name template to the values of its placeholders, e.g.
 ``{"B_streaming_{C}": {"C": [64, 128]}, "full": None}``; :func:`expand` turns it into policy names.
-Every row carries a ``sweep_key`` (a hash of model, corpus, split, tokens and block length) and the digest
-of the allocation it measured: a rerun skips every configuration whose (name, allocation) is already in the
-results file under the same key -- so a run that was interrupted (Ctrl-C or kill) and rerun ends with the same
-rows as an uninterrupted one, none duplicated, and a new head profile reruns only the rows it changes.
+Every row carries its measurement key (:func:`alloc.results.measurement_key`: the allocation's content and
+everything that changes the number): a rerun skips exactly the configurations already measured -- so a run
+that was interrupted (Ctrl-C or kill) and rerun ends with the same rows as an uninterrupted one, none
+duplicated; a new head profile reruns only the rows it changes; two files named alike never collide.
 Rows are appended whole (:func:`alloc.results.append_row`), so a kill loses at most the row in flight.
 All allocations are built before the first evaluation: a bad name or profile fails before any output.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import string
 import time
@@ -26,8 +24,8 @@ import torch
 from alloc.allocation import AllocationError
 from alloc.evaluate import evaluate
 from alloc.frontier import family
-from alloc.policies import PolicyContext, build
-from alloc.results import append_row, read_rows, versions
+from alloc.policies import Entry, unique_labels
+from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
 
 log = logging.getLogger(__name__)
 
@@ -49,84 +47,44 @@ def expand(grid: dict[str, dict[str, list] | None]) -> list[str]:
     return names
 
 
-def sweep_key(info: dict[str, Any]) -> str:
-    """Identity of a sweep's measurement conditions: rows with the same key are interchangeable."""
-    fields = ("model", "corpus", "split", "tokens", "seq_len")
-    body = json.dumps({k: info.get(k) for k in fields}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-
-def _digest(alloc: Any) -> str | None:
-    return alloc.digest()[:16] if alloc is not None else None
-
-
-def finished(out: str | Path, key: str) -> set[tuple[str, str | None]]:
-    """(name, allocation digest) of the rows already measured under ``key`` in the results file."""
-    rows = read_rows(out)
-    return {
-        (r["name"], r.get("allocation_sha256"))
-        for r in rows
-        if r.get("kind") == "sweep" and r.get("sweep_key") == key
-    }
-
-
-def plan(names: list[str], ctx: PolicyContext) -> list[tuple[str, Any]]:
-    """(name, allocation or None for full attention) for every name; raises before anything runs."""
-    return [(n, None if n == "full" else build(n, ctx)) for n in names]
+def finished(out: str | Path) -> set[str]:
+    """Measurement keys of the sweep rows already in the results file."""
+    return {r["key"] for r in read_rows(out) if r.get("kind") == "sweep" and "key" in r}
 
 
 def run_sweep(
     model: Any,
     blocks: torch.Tensor,
-    names: list[str],
-    ctx: PolicyContext,
+    entries: list[Entry],
     out: str | Path,
     info: dict[str, Any],
     progress: Callable[[str, int, int], None] | None = None,
-    files: list[tuple[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """Evaluate every configuration not yet in ``out``; return all rows of this sweep (old and new), in
-    ``names`` order. ``files`` are (name, Allocation) pairs loaded from allocation files (learned ones,
-    say): they run after the named policies and join the same table."""
-    jobs = plan(names, ctx) + list(files)
-    names = [name for name, _ in jobs]
-    key = sweep_key(info)
-    done = finished(out, key)
-    todo = [(name, alloc) for name, alloc in jobs if (name, _digest(alloc)) not in done]
-    if len(todo) < len(jobs):
-        log.info("resuming: %d of %d configurations already in %s", len(jobs) - len(todo), len(jobs), out)
-    for name, alloc in todo:
-        res = evaluate(
-            model,
-            alloc,
-            blocks,
-            name=name,
-            progress=(lambda i, n, _name=name: progress(_name, i, n)) if progress else None,
-        )
-        append_row(
-            out,
-            {
-                "kind": "sweep",
-                "sweep_key": key,
-                "family": family(name),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "allocation_sha256": _digest(alloc),
-                **info,
-                **res.to_dict(),
-                "versions": versions(),
-            },
-        )
-    return sweep_rows(out, key, names)
+    """Evaluate every entry not yet in ``out`` (by measurement key); return this sweep's rows (old and new)
+    in ``entries`` order, labelled as this run labels them."""
+    conditions = {"kind": "sweep", **info, **model_identity(model), "tokens_digest": tokens_digest(blocks)}
+    keys = [measurement_key(e.allocation, conditions) for e in entries]
+    done = finished(out)
+    if done & set(keys):
+        log.info("resuming: %d of %d configurations already in %s", len(done & set(keys)), len(keys), out)
+    for e, key in zip(entries, keys, strict=True):
+        if key in done:
+            continue
+        res = evaluate(model, e.allocation, blocks, name=e.label,
+                       progress=(lambda i, n, _name=e.label: progress(_name, i, n)) if progress else None)
+        append_row(out, {"kind": "sweep", "key": key, "family": family(e.label),
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "allocation_sha256": e.allocation.digest()[:16] if e.allocation else None,
+                         **info, **e.source, **res.to_dict(), **model_identity(model),
+                         "versions": versions()})
+        done.add(key)
+    latest = {r["key"]: r for r in read_rows(out) if r.get("kind") == "sweep" and "key" in r}
+    return [{**latest[k], "name": e.label} for e, k in zip(entries, keys, strict=True) if k in latest]
 
 
-def sweep_rows(
-    out: str | Path, key: str | None = None, names: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """The sweep rows of a results file: the given key (default: the last row's), latest row per name."""
-    rows = [r for r in read_rows(out) if r.get("kind") == "sweep"]
-    if not rows:
-        return []
-    key = key or rows[-1]["sweep_key"]
-    latest = {r["name"]: r for r in rows if r["sweep_key"] == key}
-    order = names if names is not None else list(latest)
-    return [latest[n] for n in order if n in latest]
+def sweep_rows(out: str | Path) -> list[dict[str, Any]]:
+    """Every sweep row of a results file (the latest per measurement key), with display labels made unique."""
+    latest = {r.get("key") or id(r): r for r in read_rows(out) if r.get("kind") == "sweep"}
+    rows = list(latest.values())
+    labels = unique_labels([r["name"] for r in rows], [r.get("file") for r in rows])
+    return [{**r, "name": lab} for r, lab in zip(rows, labels, strict=True)]

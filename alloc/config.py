@@ -1,0 +1,277 @@
+"""Every command's options, stated once: one dataclass per command (litgpt's ``args.py``).
+
+Each field carries its default and its help (``opt``); the CLI builds its flags from these fields, a YAML
+config may set any of them (keys and value types are checked against the fields), and flags given on the
+command line win. ``check()`` rejects bad values with one line before any model is loaded, and
+``check_output`` makes sure an output path can be written before any compute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from models.common import HeadkvError
+
+DTYPES = ("float32", "bfloat16", "float16")
+MAX_TOKENS = 10**8  # far beyond any corpus split; stops values that would overflow a tensor size
+
+
+class ConfigError(HeadkvError):
+    """An option, config file or value that cannot be used."""
+
+
+def opt(default: Any, help: str, **rules: Any) -> Any:
+    """A documented option. ``rules``: ``choices``, ``lo``/``hi`` (inclusive bounds), ``flag`` (extra names),
+    ``arg`` (a positional argument)."""
+    meta = {"help": help, **rules}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+MODEL = "Hub name, local model directory, or smollm2-135m (offline default)."
+CORPUS = "austen (offline default), a .txt file or directory, wikitext-2-raw-v1 or pg19."
+ENCODING = "Text encoding of a local corpus (default strict UTF-8; e.g. latin-1)."
+DEVICE = "cpu (default) or cuda[:N]."
+DTYPE = "float32 (CPU default), bfloat16 (GPU default) or float16."
+POLICY = "Policy name, e.g. B_streaming_128, A_window_64 or full. Repeatable."
+ALLOCATION = "Allocation JSON file (fixed, learned or quantized). Repeatable."
+PROFILE = "Head profile JSON from `headkv classify`, for the G/I/J/K families."
+CONFIG = "YAML file with any of these options; flags override it."
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = opt("smollm2-135m", MODEL)
+    corpus: str = opt("austen", CORPUS)
+    encoding: Optional[str] = opt(None, ENCODING)
+    split: str = opt("eval", "Corpus split: eval (never used for training) or train.", choices=("eval", "train", "test"))
+    policy: list[str] = opt([], POLICY)
+    allocation: list[str] = opt([], ALLOCATION)
+    profile: Optional[str] = opt(None, PROFILE)
+    tokens: int = opt(8192, "Input tokens to score (8192 = 8 blocks of 1024; 1000 = the study's protocol).", lo=2, hi=MAX_TOKENS)
+    seq_len: int = opt(1024, "Tokens per block.", lo=2, hi=MAX_TOKENS)
+    device: str = opt("cpu", DEVICE)
+    dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
+    out: str = opt("results/evaluate.jsonl", "Results file; one JSON line is appended per evaluation.")
+    mode: str = opt("masked", "masked (blocks, masked forward) or streaming (one stream through the real evicting cache).", choices=("masked", "streaming"))
+    reindex: bool = opt(False, "Streaming: StreamingLLM position re-indexing.")
+    chunk: int = opt(1, "Streaming: tokens per forward (1 = token by token; any chunk computes the same).", lo=1, hi=MAX_TOKENS)
+    segment: int = opt(2048, "Streaming: report PPL per segment of this many tokens.", lo=1, hi=MAX_TOKENS)
+
+    def check(self) -> None:
+        if self.reindex and self.mode != "streaming":
+            raise ConfigError("--reindex applies to --mode streaming (the masked evaluator keeps true positions)")
+
+
+@dataclass
+class ClassifyConfig:
+    model: str = opt("smollm2-135m", MODEL)
+    corpus: str = opt("austen", CORPUS)
+    encoding: Optional[str] = opt(None, ENCODING)
+    split: str = opt("train", "Corpus split for the attention maps.", choices=("eval", "train", "test"))
+    tokens: int = opt(4096, "Tokens of attention maps (4096 = 4 blocks of 1024).", lo=2, hi=MAX_TOKENS)
+    seq_len: int = opt(1024, "Tokens per block for the attention maps.", lo=2, hi=MAX_TOKENS)
+    tau: float = opt(0.2, "Attention mass a head may lose and still fit its window.", lo=0.0, hi=1.0)
+    gqa: str = opt("max", "How query heads combine per KV head.", choices=("max", "mean"))
+    sensitivity: bool = opt(True, "Measure each KV head's sensitivity and the Spearman check.")
+    sens_tokens: int = opt(512, "Tokens for the sensitivity check.", lo=2, hi=MAX_TOKENS)
+    sens_seq_len: int = opt(256, "Block length for the sensitivity check.", lo=2, hi=MAX_TOKENS)
+    sens_window: int = opt(16, "Window a head is cut to in the sensitivity check (sink 4).", lo=1, hi=MAX_TOKENS)
+    device: str = opt("cpu", DEVICE)
+    dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
+    out: str = opt("results/profile.json", "Profile JSON to write.")
+
+    def check(self) -> None:
+        if self.tokens < self.seq_len:
+            raise ConfigError("--tokens must be at least --seq-len")
+
+
+@dataclass
+class SweepConfig:
+    model: str = opt("smollm2-135m", MODEL)
+    corpus: str = opt("austen", CORPUS)
+    encoding: Optional[str] = opt(None, ENCODING)
+    split: str = opt("eval", "Corpus split.", choices=("eval", "train", "test"))
+    tokens: int = opt(4096, "Input tokens per configuration.", lo=2, hi=MAX_TOKENS)
+    seq_len: int = opt(1024, "Tokens per block.", lo=2, hi=MAX_TOKENS)
+    profile: str = opt("results/profile.json", "Head profile JSON, read when the grid has G/I/J/K names.")
+    device: str = opt("cpu", DEVICE)
+    dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
+    out: str = opt("results/ablation.jsonl", "Results JSONL (resumable).")
+    grid: dict = opt({"full": None}, "Policy-name templates and their values (YAML only).")
+    allocation: list[str] = opt([], "Allocation JSON file to add to the grid's rows. Repeatable.")
+
+
+@dataclass
+class PlotConfig:
+    results: str = opt("", "Results JSONL written by `headkv sweep` or `headkv passkey`.", arg=True)
+    out: str = opt("results/figures", "Folder for the PNG figures.", flag="-o")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = opt("", "Training checkpoint or run directory of `headkv train`.", arg=True)
+    budget: Optional[float] = opt(None, "Average Eff.Ctx to export at (default: the training budget).", lo=1.0, hi=MAX_TOKENS)
+    out: str = opt("", "Allocation JSON to write (required).", flag="-o")
+    model: Optional[str] = opt(None, "Also check the checkpoint against this model.")
+
+    def check(self) -> None:
+        if not self.out:
+            raise ConfigError("--out FILE is required")
+
+
+@dataclass
+class GenerateConfig:
+    model: str = opt("smollm2-135m", MODEL)
+    allocation: Optional[str] = opt(None, "Allocation JSON file (fixed, learned or quantized).")
+    policy: Optional[str] = opt(None, "Policy name, e.g. B_streaming_128, or full.")
+    profile: Optional[str] = opt(None, PROFILE)
+    prompt: Optional[str] = opt(None, "Text to continue.")
+    max_new_tokens: int = opt(48, "Tokens to generate greedily.", lo=1, hi=MAX_TOKENS)
+    reindex: bool = opt(False, "StreamingLLM position re-indexing: lets prompts run past the model's context.")
+    device: str = opt("cpu", DEVICE)
+    dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
+
+    def check(self) -> None:
+        if not self.prompt:
+            raise ConfigError("--prompt is required (a non-empty text)")
+        if (self.policy is None) == (self.allocation is None):
+            raise ConfigError("give exactly one of --allocation FILE or --policy NAME (full = full attention)")
+
+
+@dataclass
+class PasskeyConfig:
+    model: str = opt("smollm2-135m", MODEL)
+    corpus: str = opt("austen", "Filler text source.")
+    encoding: Optional[str] = opt(None, ENCODING)
+    split: str = opt("eval", "Corpus split for the filler.", choices=("eval", "train", "test"))
+    policy: list[str] = opt([], POLICY)
+    allocation: list[str] = opt([], ALLOCATION)
+    profile: Optional[str] = opt(None, PROFILE)
+    length: list[int] = opt([512, 1024, 2048], "Prompt length in tokens. Repeatable.", lo=64, hi=MAX_TOKENS)
+    depth: list[float] = opt([0.0, 0.25, 0.5, 0.75, 1.0], "Needle depth in [0, 1]. Repeatable.", lo=0.0, hi=1.0)
+    trials: int = opt(5, "Tasks per (length, depth) cell.", lo=1, hi=10**6)
+    seed: int = opt(0, "Seed of the task generator.", lo=0, hi=2**32 - 1)
+    batch: int = opt(8, "Tasks per forward.", lo=1, hi=10**6)
+    device: str = opt("cpu", DEVICE)
+    dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
+    out: str = opt("results/evaluate.jsonl", "Results file; one JSON line per (allocation, length, depth).")
+    plots: str = opt("results/plots", "Folder for the accuracy heatmaps.")
+
+
+# ---- loading: defaults < YAML < flags, every value type-checked -------------------------------------------
+def _typed(name: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (from a YAML file or a flag), or one ConfigError line."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        return None if value is None else _typed(name, value, args[0])
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_typed(name, v, args[0]) for v in items]
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+        dict: isinstance(value, dict),
+    }[origin or tp]
+    if not ok:
+        raise ConfigError(f"'{name}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"'{name}' must be a finite number, got {value!r}")
+    return tp(value) if tp in (int, float, str) else value
+
+
+def _check_rules(name: str, value: Any, meta: dict[str, Any]) -> None:
+    for v in value if isinstance(value, list) else [value]:
+        if v is None:
+            continue
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(meta['choices'])}, got {v!r}")
+        if "lo" in meta and not meta["lo"] <= v <= meta.get("hi", math.inf):
+            hi = meta.get("hi")
+            rng = f"between {meta['lo']} and {hi}" if hi is not None else f"at least {meta['lo']}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rng}, got {v!r}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of option names to values, or one ConfigError line."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of option names to values")
+    return data
+
+
+def load(cls: type, config: str | Path | None, given: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
+    """``cls`` from its defaults (or ``base``), then the YAML ``config``, then the flags ``given`` (None = not
+    given); every key and value checked, then ``cls.check()``."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = dict(base or {})
+    if config is not None:
+        data = read_yaml(config)
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"config {config}: unknown key(s) {', '.join(map(str, unknown))}")
+        values.update(data)
+    values.update({k: v for k, v in given.items() if v is not None and v != [] and k in known})
+    for name, value in values.items():
+        values[name] = _typed(name, value, hints[name])
+        _check_rules(name, values[name], dict(known[name].metadata))
+    cfg = cls(**values)
+    for check in ("check", "validate"):
+        if hasattr(cfg, check):
+            getattr(cfg, check)()
+    return cfg
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in fields(cls):
+        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return out
+
+
+# ---- checks that need the world: devices, output paths ------------------------------------------------
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here")
+
+
+def check_output(path: str | Path, *, directory: bool = False) -> None:
+    """Fail now, with one line, if ``path`` (a file, or a folder) cannot be written later."""
+    path = Path(path)
+    if not str(path):
+        raise ConfigError("an output path is empty")
+    if path.exists() and path.is_dir() != directory:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ConfigError(f"output {path} is {kind}; expected {'a folder' if directory else 'a file'}")
+    parent = path if directory and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"output {path} is not writable")
