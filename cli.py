@@ -192,7 +192,7 @@ def evaluate(cfg: EvaluateConfig) -> None:
                              **_stamp()})
     typer.echo(f"{'allocation':28s} {'PPL':>8s} {'95% CI':>17s} {'acc':>7s} {'Eff.Ctx':>8s} {'real':>7s} {'KV':>6s}")
     for r in results:
-        ci = f"[{r.ppl_lo:.2f}, {r.ppl_hi:.2f}]"
+        ci = "n/a (1 block)" if r.ppl_lo != r.ppl_lo else f"[{r.ppl_lo:.2f}, {r.ppl_hi:.2f}]"
         typer.echo(f"{r.name:28s} {r.ppl:8.3f} {ci:>17s} {100 * r.acc:6.2f}% {r.eff_ctx:8.2f} "
                    f"{r.realized_ctx:7.1f} {100 * r.kv_bytes / r.kv_bytes_full:5.1f}%")
     typer.echo(f"appended {len(results)} row(s) to {cfg.out}")

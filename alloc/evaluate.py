@@ -2,8 +2,8 @@
 
 It never asks where an allocation came from: fixed policies, learned-and-exported gates and full
 attention (``allocation=None``) all go through the same masked forward. Every predicted token's NLL is
-kept in chunk sums (``chunk`` consecutive targets of one block), which gives a bootstrap interval for
-perplexity and lets two results on the same tokens be compared with a paired bootstrap.
+kept in chunk sums (``chunk`` consecutive targets of one block); the perplexity interval and every paired
+comparison resample whole blocks (:mod:`alloc.bootstrap`; tokens within a block are correlated).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied, kv_bytes
+from alloc.bootstrap import ppl_interval
 from models.loading import model_shape
 
 N_BOOT = 2000
@@ -28,7 +29,7 @@ N_BOOT = 2000
 class EvalResult:
     name: str
     ppl: float
-    ppl_lo: float  # 95% bootstrap interval over chunks of tokens
+    ppl_lo: float  # 95% bootstrap interval over whole blocks (nan for a single block)
     ppl_hi: float
     acc: float  # next-token top-1 accuracy
     eff_ctx: float  # the study's Eff.Ctx (sink + mean window); seq_len for full attention
@@ -44,17 +45,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _bootstrap_ppl(
-    nll: np.ndarray, cnt: np.ndarray, seed: int = 0, n_blocks: int | None = None
-) -> tuple[float, float]:
-    """95% interval of the perplexity of these chunks, resampling whole blocks (alloc.bootstrap); (nan, nan)
-    for a single block. ``n_blocks`` defaults to the blocks read off the chunk counts."""
-    from alloc.bootstrap import infer_n_blocks, ppl_interval
-
-    n = n_blocks if n_blocks is not None else infer_n_blocks(cnt)
-    return ppl_interval({"chunk_nll": nll, "chunk_tokens": cnt, "n_blocks": n}, seed)
 
 
 def paired_log_ppl_diff(
@@ -106,7 +96,7 @@ def evaluate(
             if progress:
                 progress(i + 1, n_blocks)
     nll, cnt = np.asarray(sums), np.asarray(counts, dtype=np.float64)
-    lo, hi = _bootstrap_ppl(nll, cnt)
+    lo, hi = ppl_interval({"chunk_nll": nll, "chunk_tokens": cnt, "n_blocks": n_blocks})
     shape = model_shape(model)
     if allocation is not None:
         eff, real, label = allocation.eff_ctx(), allocation.realized_context(seq_len), name or allocation.name
@@ -131,7 +121,9 @@ def evaluate(
     )
 
 
-def blocks_for(tokenizer: Any, corpus: str, split: str, tokens: int, seq_len: int, encoding: str | None = None):
+def blocks_for(
+    tokenizer: Any, corpus: str, split: str, tokens: int, seq_len: int, encoding: str | None = None
+) -> torch.Tensor:
     """Evaluation blocks: ``tokens`` input tokens in blocks of ``seq_len``; fewer than one block gives one
     block of ``tokens + 1`` inputs, so exactly ``tokens`` are predicted (the study's 1000-token protocol)."""
     from models.corpus import token_blocks

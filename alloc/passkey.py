@@ -7,7 +7,7 @@ loop), and a trial is correct when the first number in the continuation is exact
 (length, depth) cell have equal lengths, so they run as one batch without padding. Everything is drawn from
 one seeded generator, so a rerun builds the same tasks.
 
-``passkey_heatmaps(rows, out_dir)`` draws one accuracy heatmap (depth x length) per allocation.
+The accuracy heatmaps are drawn by :func:`alloc.plots.passkey_heatmaps`.
 """
 
 from __future__ import annotations
@@ -205,51 +205,6 @@ def retrieval_scores(model: PreTrainedModel, tasks: Iterable[PasskeyTask]) -> to
         total += mass.view(shape.n_layers, shape.n_kv_heads, shape.q_per_kv).mean(-1)
         n += 1
     return total / max(n, 1)
-
-
-def passkey_heatmaps(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """One PNG per allocation: exact-match accuracy over depth (rows) x length (columns).
-
-    ``rows`` are results-file rows of ``"kind": "passkey"`` (other kinds are ignored); a later row for the
-    same (allocation, length, depth) replaces an earlier one.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells: dict[str, dict[tuple[int, float], float]] = {}
-    for row in rows:
-        if row.get("kind") == "passkey":
-            cells.setdefault(str(row["allocation"]), {})[(int(row["length"]), float(row["depth"]))] = row[
-                "accuracy"
-            ]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, acc in sorted(cells.items()):
-        lengths = sorted({n for n, _ in acc})
-        depths = sorted({d for _, d in acc})
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        for (n, d), a in acc.items():
-            grid[depths.index(d), lengths.index(n)] = 100 * a
-        fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.55 * len(depths) + 1.8))
-        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        for (r, c), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=9)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth (0 = start)")
-        ax.set_title(f"passkey exact match (%): {name}", fontsize=10)
-        fig.colorbar(im, ax=ax, label="accuracy %")
-        fig.tight_layout()
-        path = out_dir / f"passkey_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 def run_passkey_file(

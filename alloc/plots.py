@@ -16,8 +16,9 @@ is written atomically (:func:`models.common.atomic_write`).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import matplotlib
 
@@ -308,4 +309,41 @@ def plot_all(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
             if a.get_legend() is None and a.get_legend_handles_labels()[0]:
                 a.legend(fontsize=8)
         paths.append(_save(fig, out / f"{name}.png"))
+    return paths
+
+
+def passkey_heatmaps(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """One PNG per allocation: exact-match accuracy over depth (rows) x length (columns).
+
+    ``rows`` are results-file rows of ``"kind": "passkey"`` (other kinds are ignored); a later row for the
+    same (allocation, length, depth) replaces an earlier one.
+    """
+    cells: dict[str, dict[tuple[int, float], float]] = {}
+    for row in rows:
+        if row.get("kind") == "passkey":
+            cells.setdefault(str(row["allocation"]), {})[(int(row["length"]), float(row["depth"]))] = row[
+                "accuracy"
+            ]
+    out_dir = Path(out_dir)
+    paths = []
+    for name, acc in sorted(cells.items()):
+        lengths = sorted({n for n, _ in acc})
+        depths = sorted({d for _, d in acc})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for (n, d), a in acc.items():
+            grid[depths.index(d), lengths.index(n)] = 100 * a
+        fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.55 * len(depths) + 1.8))
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        for (r, c), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (0 = start)")
+        ax.set_title(f"passkey exact match (%): {name}", fontsize=10)
+        fig.colorbar(im, ax=ax, label="accuracy %")
+        fig.tight_layout()
+        path = out_dir / f"passkey_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+        paths.append(_save(fig, path))
     return paths

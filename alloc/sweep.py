@@ -64,27 +64,30 @@ def run_sweep(
     in ``entries`` order, labelled as this run labels them."""
     conditions = {"kind": "sweep", **info, **model_identity(model), "tokens_digest": tokens_digest(blocks)}
     keys = [measurement_key(e.allocation, conditions) for e in entries]
-    done = finished(out)
-    if done & set(keys):
-        log.info("resuming: %d of %d configurations already in %s", len(done & set(keys)), len(keys), out)
+    done = {r["key"]: r for r in read_rows(out) if r.get("kind") == "sweep" and "key" in r}
+    origin = lambda r: r.get("policy") or r.get("file_sha256")  # noqa: E731 (a policy name or a file)
+    named = {(r["key"], origin(r)) for r in read_rows(out) if r.get("kind") == "sweep" and "key" in r}
+    if set(done) & set(keys):
+        log.info("resuming: %d of %d already in %s", len(set(done) & set(keys)), len(keys), out)
     for e, key in zip(entries, keys, strict=True):
-        if key in done:
+        if key in done:  # measured already; another policy of equal content gets a row of its own
+            if (key, origin(e.source)) not in named:
+                append_row(out, {**done[key], "name": e.label, "family": family(e.label), **e.source})
             continue
         res = evaluate(model, e.allocation, blocks, name=e.label,
                        progress=(lambda i, n, _name=e.label: progress(_name, i, n)) if progress else None)
-        append_row(out, {"kind": "sweep", "key": key, "family": family(e.label),
-                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                         "allocation_sha256": e.allocation.digest()[:16] if e.allocation else None,
-                         **info, **e.source, **res.to_dict(), **model_identity(model),
-                         "versions": versions()})
-        done.add(key)
-    latest = {r["key"]: r for r in read_rows(out) if r.get("kind") == "sweep" and "key" in r}
-    return [{**latest[k], "name": e.label} for e, k in zip(entries, keys, strict=True) if k in latest]
+        row = {"kind": "sweep", "key": key, "family": family(e.label),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "allocation_sha256": e.allocation.digest()[:16] if e.allocation else None,
+               **info, **e.source, **res.to_dict(), **model_identity(model), "versions": versions()}
+        append_row(out, row)
+        done[key] = row
+    return [{**done[k], "name": e.label, "family": family(e.label)} for e, k in zip(entries, keys, strict=True)]
 
 
 def sweep_rows(out: str | Path) -> list[dict[str, Any]]:
-    """Every sweep row of a results file (the latest per measurement key), with display labels made unique."""
-    latest = {r.get("key") or id(r): r for r in read_rows(out) if r.get("kind") == "sweep"}
+    """Every sweep row of a results file (the latest per measurement key and name), display labels unique."""
+    latest = {(r.get("key") or id(r), r["name"]): r for r in read_rows(out) if r.get("kind") == "sweep"}
     rows = list(latest.values())
     labels = unique_labels([r["name"] for r in rows], [r.get("file") for r in rows])
     return [{**r, "name": lab} for r, lab in zip(rows, labels, strict=True)]

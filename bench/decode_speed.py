@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_memory import allocations, header, load, parse, stream, write  # noqa: E402
+from kv_memory import allocations, header, load, parse, prefill, write  # noqa: E402
 
-from models.attention import windowed  # noqa: E402
+from alloc.allocation import applied  # noqa: E402
 
 
 def _sync(model: torch.nn.Module) -> None:
@@ -35,12 +35,13 @@ def _sync(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def decode_rate(model: torch.nn.Module, allocation, cache, steps: int) -> tuple[float, float]:
-    """Tokens per wall-clock second and per CPU second of ``steps`` greedy single-token steps continuing
-    ``cache``. On a shared CPU the process's CPU time is the steadier clock; on a GPU only wall time
-    counts."""
+def decode_rate(model: torch.nn.Module, allocation, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Tokens per wall-clock second and per CPU second of ``steps`` greedy single-token steps after a prompt
+    of ``tokens`` went through the allocation's real cache. On a shared CPU the process's CPU time is the
+    steadier clock; on a GPU only wall time counts."""
     nxt = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-    with windowed(model, allocation, positions=cache if allocation is not None else None):
+    with applied(model, allocation, evict=True) as cache:
+        prefill(model, cache, tokens)
         model(nxt, cache=cache, use_cache=True)  # warm-up step
         _sync(model)
         start, cpu = time.perf_counter(), time.process_time()
@@ -55,9 +56,7 @@ def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int) -> li
     rates: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in rows}
     for _ in range(repeats):
         for label, alloc in rows:  # round-robin: a load spike hits every allocation alike
-            cache = stream(model, alloc, tokens)
-            rates[label].append(decode_rate(model, alloc, cache, steps))
-            del cache
+            rates[label].append(decode_rate(model, alloc, tokens, steps))
     wall = {label: statistics.median(w for w, _ in r) for label, r in rates.items()}
     cpu = {label: statistics.median(c for _, c in r) for label, r in rates.items()}
     return [{"allocation": label, "tokens_per_s": wall[label], "ratio": wall[label] / wall["full"],

@@ -31,12 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from alloc.allocation import Allocation  # noqa: E402
+from alloc.allocation import Allocation, applied, kv_bytes  # noqa: E402
 from alloc.policies import PolicyContext, build  # noqa: E402
-from models.attention import windowed  # noqa: E402
 from models.kv_cache import PerHeadCache, kv_bytes_of  # noqa: E402
 from models.loading import freeze, model_shape  # noqa: E402
-from models.streaming import new_cache  # noqa: E402
 
 SINK = 4
 
@@ -95,10 +93,10 @@ def retrieval_heads_allocation(
     corpus: str = "austen",
 ) -> Allocation:
     """Eff.Ctx ``budget``: the ``n_long`` KV heads that look hardest at the needle of passkey tasks built from
-    the *train* split (:func:`models.passkey.retrieval_scores`) get ``long_window``; the others share the
+    the *train* split (:func:`alloc.passkey.retrieval_scores`) get ``long_window``; the others share the
     rest."""
+    from alloc.passkey import build_tasks, retrieval_scores
     from models.corpus import long_stream
-    from models.passkey import build_tasks, retrieval_scores
 
     stream = long_stream(tokenizer, corpus, "train", 20000)
     tasks = [
@@ -174,27 +172,30 @@ def allocations(args: argparse.Namespace, model: torch.nn.Module, tok: object) -
 @torch.no_grad()
 def stream(model: torch.nn.Module, allocation: Allocation | None, tokens: torch.Tensor, chunk: int = 512):
     """Feed ``tokens`` through the allocation's real cache (chunked: the same result as token by token)."""
-    cache = new_cache(model, allocation)
-    ids = tokens.to(model.device).view(1, -1)
-    with windowed(model, allocation, positions=cache if allocation is not None else None):
-        for lo in range(0, ids.shape[1], chunk):
-            model(ids[:, lo : lo + chunk], cache=cache, use_cache=True)
+    with applied(model, allocation, evict=True) as cache:
+        prefill(model, cache, tokens, chunk)
     return cache
+
+
+def prefill(model: torch.nn.Module, cache, tokens: torch.Tensor, chunk: int = 512) -> None:
+    """Write ``tokens`` into ``cache`` (inside ``applied``), ``chunk`` tokens per forward."""
+    ids = tokens.to(model.device).view(1, -1)
+    for lo in range(0, ids.shape[1], chunk):
+        model(ids[:, lo : lo + chunk], cache=cache, use_cache=True)
 
 
 def measure(model: torch.nn.Module, label: str, allocation: Allocation | None, tokens: torch.Tensor) -> dict:
     shape = model_shape(model)
-    elt = torch.empty((), dtype=model.dtype).element_size()
     t = tokens.numel()
     cuda = tokens.device.type == "cuda" or next(model.parameters()).is_cuda
     before = torch.cuda.memory_allocated() if cuda else 0
     cache = stream(model, allocation, tokens)
-    full = 2 * shape.n_layers * shape.n_kv_heads * t * shape.head_dim * elt
+    full = kv_bytes(None, shape, t, model.dtype)
     row = {
         "allocation": label,
         "eff_ctx": allocation.eff_ctx() if allocation is not None else float(t),
         "held": kv_bytes_of(cache),
-        "predicted": full if allocation is None else allocation.kv_bytes(t, shape.head_dim, model.dtype),
+        "predicted": kv_bytes(allocation, shape, t, model.dtype),
         "full": full,
     }
     if isinstance(cache, PerHeadCache):

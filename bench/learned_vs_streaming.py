@@ -29,31 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alloc.allocation import Allocation  # noqa: E402
 from alloc.evaluate import paired_log_ppl_diff  # noqa: E402
-from alloc.frontier import _boot_ppl, equal_quality_ctx  # noqa: E402
+from alloc.frontier import format_saving, saving_bounds, saving_factor, saving_interval  # noqa: E402
+from alloc.policies import family_of  # noqa: E402
 from alloc.results import read_rows  # noqa: E402
 
-N_BOOT = 2000
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     newest = {r["name"]: r for r in rows if r.get("kind") == "evaluate"}
-    front = sorted((r for n, r in newest.items() if n.startswith("B_")), key=lambda r: r["eff_ctx"])
+    front = sorted((r for n, r in newest.items() if family_of(n) == "B"), key=lambda r: r["eff_ctx"])
     if len(front) < 2:
         raise SystemExit("need at least two B_streaming rows on the same tokens")
-    ctx = np.asarray([b["eff_ctx"] for b in front])
-    idx = np.random.default_rng(0).integers(
-        0, len(front[0]["chunk_tokens"]), (N_BOOT, len(front[0]["chunk_tokens"]))
-    )
-    front_boot = np.stack([_boot_ppl(b, idx) for b in front], -1)  # (N_BOOT, P)
     out = []
     for name, row in sorted(newest.items()):
         if not name.startswith("learned_"):
             continue
         if any(b["chunk_tokens"] != row["chunk_tokens"] for b in front):
             raise SystemExit(f"{name} and the B rows are not on the same tokens")
-        c, extra = equal_quality_ctx(np.asarray(row["ppl"]), ctx, np.asarray([b["ppl"] for b in front]))
-        c_boot, _ = equal_quality_ctx(_boot_ppl(row, idx), ctx, front_boot)
-        lo, hi = np.percentile(c_boot / row["eff_ctx"], [2.5, 97.5])
+        factor, extra = saving_factor(row, front)
+        lo, hi = saving_interval(row, front)
         diffs = {}
         for b in front:
             d, dlo, dhi = paired_log_ppl_diff(row, b)
@@ -65,8 +59,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "ppl": row["ppl"],
                 "ppl_lo": row["ppl_lo"],
                 "ppl_hi": row["ppl_hi"],
-                "equal_quality_ctx": float(c),
-                "saving_factor": float(c) / row["eff_ctx"],
+                "equal_quality_ctx": factor * row["eff_ctx"],
+                "saving_factor": factor,
+                "saving_text": format_saving(factor, extra, *saving_bounds(row, front)),
                 "saving_factor_lo": float(lo),
                 "saving_factor_hi": float(hi),
                 "extrapolated": bool(extra),

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from alloc.passkey import NEEDLE, QUESTION, build_tasks, is_correct, passkey_heatmaps
+from alloc.passkey import NEEDLE, QUESTION, build_tasks, is_correct
+from alloc.plots import passkey_heatmaps
 from alloc.results import read_rows
 
 

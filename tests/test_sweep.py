@@ -17,9 +17,9 @@ import yaml
 
 from alloc.allocation import AllocationError
 from alloc.frontier import compare, compare_all, interpolate, verdict
-from alloc.policies import PolicyContext
+from alloc.policies import PolicyContext, resolve
 from alloc.results import read_rows
-from alloc.sweep import expand, run_sweep, sweep_key
+from alloc.sweep import expand, run_sweep
 from classify.profile import ClassifierRule, collect_query_stats, from_stats
 from models.loading import model_shape
 
@@ -45,7 +45,8 @@ def _setup(tiny_model):
     torch.manual_seed(1)
     blocks = torch.randint(0, 97, (2, 64))
     shape = model_shape(model)
-    return model, blocks, PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, None)
+    ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, None)
+    return model, blocks, (lambda names: resolve(ctx, names, []))
 
 
 def _table(path: Path) -> list[tuple[str, float]]:
@@ -56,9 +57,9 @@ def _table(path: Path) -> list[tuple[str, float]]:
 def test_interrupted_sweep_resumes_to_the_same_rows(tmp_path):
     from conftest import tiny_model
 
-    model, blocks, ctx = _setup(tiny_model)
+    model, blocks, ent = _setup(tiny_model)
     ref = tmp_path / "ref.jsonl"
-    run_sweep(model, blocks, NAMES, ctx, ref, INFO)
+    run_sweep(model, blocks, ent(NAMES), ref, INFO)
     out = tmp_path / "run.jsonl"
     seen = []
 
@@ -68,23 +69,46 @@ def test_interrupted_sweep_resumes_to_the_same_rows(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(model, blocks, NAMES, ctx, out, INFO, ctrl_c)
+        run_sweep(model, blocks, ent(NAMES), out, INFO, ctrl_c)
     assert [n for n, _ in _table(out)] == NAMES[:2]
     with out.open("a") as f:  # and a kill during a write: a torn last line
         f.write('{"kind": "sweep", "name": "B_str')
-    rows = run_sweep(model, blocks, NAMES, ctx, out, INFO)
+    rows = run_sweep(model, blocks, ent(NAMES), out, INFO)
     assert _table(out) == _table(ref) and [r["name"] for r in rows] == NAMES
-    run_sweep(model, blocks, NAMES, ctx, out, INFO)  # a finished sweep adds nothing
+    run_sweep(model, blocks, ent(NAMES), out, INFO)  # a finished sweep adds nothing
     assert _table(out) == _table(ref)
-    other = run_sweep(model, blocks, NAMES[:2], ctx, out, {**INFO, "tokens": 64})  # another key: new rows
-    assert len(_table(out)) == len(NAMES) + 2 and all(r["sweep_key"] != sweep_key(INFO) for r in other)
+    other = run_sweep(model, blocks[:1], ent(NAMES[:2]), out, INFO)  # other tokens: other keys, new rows
+    assert len(_table(out)) == len(NAMES) + 2 and {r["key"] for r in other}.isdisjoint(r["key"] for r in rows)
+
+
+def test_two_files_with_one_policy_name_never_collide(tmp_path):
+    """Two seeds' learned_b64: same label, different content -> two rows, shown under distinct labels."""
+    from conftest import tiny_model
+
+    from alloc.allocation import Allocation
+
+    model, blocks, _ = _setup(tiny_model)
+    shape = model_shape(model)
+    files = []
+    for seed, w in ((0, 5), (1, 9)):
+        path = tmp_path / f"run_s{seed}" / "allocation.json"
+        Allocation.uniform(shape.shape, 2, w, model_id=shape.model_id, q_per_kv=shape.q_per_kv,
+                           meta={"policy": "learned_b64"}).save(path)
+        files.append(str(path))
+    ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, None)
+    out = tmp_path / "r.jsonl"
+    first = run_sweep(model, blocks, resolve(ctx, [], files[:1]), out, INFO)
+    rows = run_sweep(model, blocks, resolve(ctx, [], files), out, INFO)
+    assert [r["name"] for r in rows] == ["learned_b64@run_s0", "learned_b64@run_s1"]
+    assert rows[0]["ppl"] == first[0]["ppl"] and rows[1]["ppl"] != rows[0]["ppl"]
+    assert len(_table(out)) == 2  # the second file was measured, not skipped as done
 
 
 KILLED_RUN = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_model
-from alloc.policies import PolicyContext
+from alloc.policies import PolicyContext, resolve
 from alloc.sweep import run_sweep
 from models.loading import model_shape
 model = tiny_model("llama")
@@ -92,7 +116,8 @@ torch.manual_seed(1)
 blocks = torch.randint(0, 97, (2, 64))
 shape = model_shape(model)
 ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, None)
-run_sweep(model, blocks, {names!r}, ctx, sys.argv[1], {info!r}, lambda name, i, n: time.sleep(0.3))
+entries = resolve(ctx, {names!r}, [])
+run_sweep(model, blocks, entries, sys.argv[1], {info!r}, lambda name, i, n: time.sleep(0.3))
 """
 
 
@@ -101,9 +126,9 @@ def test_killed_sweep_resumes_to_the_same_rows(tmp_path):
     script.write_text(textwrap.dedent(KILLED_RUN.format(tests=str(TESTS), names=NAMES, info=INFO)))
     from conftest import tiny_model
 
-    model, blocks, ctx = _setup(tiny_model)
+    model, blocks, ent = _setup(tiny_model)
     out, ref = tmp_path / "killed.jsonl", tmp_path / "ref.jsonl"
-    run_sweep(model, blocks, NAMES, ctx, ref, INFO)  # the same model, blocks and names, uninterrupted
+    run_sweep(model, blocks, ent(NAMES), ref, INFO)  # the same model, blocks and names, uninterrupted
     proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=TESTS.parent)
     deadline = time.time() + 120
     while time.time() < deadline and len(_table(out)) < 2 and proc.poll() is None:
@@ -111,7 +136,7 @@ def test_killed_sweep_resumes_to_the_same_rows(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 2 <= len(_table(out)) < len(NAMES)
-    run_sweep(model, blocks, NAMES, ctx, out, INFO)  # the rerun
+    run_sweep(model, blocks, ent(NAMES), out, INFO)  # the rerun
     assert _table(out) == _table(ref) and len({n for n, _ in _table(out)}) == len(NAMES)
 
 
@@ -164,11 +189,11 @@ def test_plots_draw_six_figures_from_a_tiny_sweep(tmp_path):
 
     from alloc.plots import plot_all
 
-    model, blocks, ctx = _setup(tiny_model)
+    model, blocks, _ = _setup(tiny_model)
     rule = ClassifierRule(q_from=8, short=4, long=8)
     shape = model_shape(model)
     prof = from_stats(collect_query_stats(model, blocks, rule), rule, shape.model_id, shape.q_per_kv)
-    ctx = PolicyContext(ctx.shape, ctx.q_per_kv, ctx.model_id, prof)
+    ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof)
     names = NAMES + [
         "A_window_16",
         "A_window_32",
@@ -179,7 +204,7 @@ def test_plots_draw_six_figures_from_a_tiny_sweep(tmp_path):
         "I_pos32_mix8_g8",
         "J_pos8_mix8_g16",
     ]
-    rows = run_sweep(model, blocks, names, ctx, tmp_path / "r.jsonl", INFO)
+    rows = run_sweep(model, blocks, resolve(ctx, names, []), tmp_path / "r.jsonl", INFO)
     paths = plot_all(rows, tmp_path / "fig")
     assert [p.name for p in paths] == [
         "ppl_vs_ctx.png",
