@@ -43,20 +43,6 @@ def block_sums(row: Row) -> tuple[np.ndarray, np.ndarray]:
     return nll.reshape(n, -1).sum(1), cnt.reshape(n, -1).sum(1)
 
 
-def infer_n_blocks(chunk_tokens: Sequence[float]) -> int:
-    """The number of blocks of the evaluator's chunk counts when it is not given: a block ends with its one
-    shorter chunk. When every chunk is as long as the longest, each chunk is taken as a block -- pass
-    ``n_blocks`` explicitly where blocks hold several full chunks."""
-    cnt = np.asarray(chunk_tokens, dtype=np.float64)
-    short = np.flatnonzero(cnt < cnt.max()) if len(cnt) else np.array([], dtype=int)
-    if len(short) == 0:
-        return len(cnt)
-    n = len(short)
-    if short[-1] != len(cnt) - 1 or len(cnt) % n or np.any(cnt.reshape(n, -1) != cnt[: len(cnt) // n]):
-        raise ValueError("chunk_tokens does not repeat one block pattern: pass n_blocks")
-    return n
-
-
 def resample_index(n_blocks: int, seed: int = SEED, n_boot: int = N_BOOT) -> np.ndarray:
     """Block indices (n_boot, n_blocks) drawn with replacement, from a fixed seed."""
     return np.random.default_rng(seed).integers(0, n_blocks, size=(n_boot, n_blocks))

@@ -82,7 +82,8 @@ def run_sweep(
                **info, **e.source, **res.to_dict(), **model_identity(model), "versions": versions()}
         append_row(out, row)
         done[key] = row
-    return [{**done[k], "name": e.label, "family": family(e.label)} for e, k in zip(entries, keys, strict=True)]
+    return [{**done[k], "name": e.label, "family": family(e.label)}
+            for e, k in zip(entries, keys, strict=True)]
 
 
 def sweep_rows(out: str | Path) -> list[dict[str, Any]]:

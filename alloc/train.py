@@ -25,7 +25,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alloc.allocation import Allocation
+from alloc.config import opt
 from alloc.gates import GateError, WindowGates, check_budget
 from models.attention import windowed
 from models.common import HeadkvError, atomic_write
@@ -51,34 +52,35 @@ class TrainError(HeadkvError):
 class TrainConfig:
     """Every option of a training run (the keys of configs/train.yaml)."""
 
-    model: str = "smollm2-135m"  # hub name, local model dir, or the offline default
-    corpus: str = "austen"  # training text: its TRAIN split only
-    budget: float | None = None  # mean Eff.Ctx (sink + mean window); required
-    sink: int = 4  # fixed sink tokens of every head
-    seq_len: int = 1024  # tokens per training block; also the largest window
-    batch_size: int = 1  # blocks per device per step
-    max_steps: int = 100
-    lr: float = 0.05  # Adam on the gate logits
-    lr_schedule: str = "cosine"  # const | cosine (decays to lr_end_frac x lr at the last step)
-    lr_end_frac: float = 0.1
-    tau_start: float = 8.0  # soft-edge temperature at step 0 ...
-    tau_end: float = 2.0  # ... and at the last step (the export is hard either way)
-    tau_schedule: str = "exp"  # exp | linear | const
-    objective: str = "kl"  # kl (distil full attention) | ce (language-model loss)
-    n_blocks: int = 0  # training blocks; 0 = max_steps x global batch (every block seen once)
-    val_blocks: int = 4  # held-out TRAIN-split blocks for the hard-export evaluation; 0 = none
-    eval_every: int = 25  # steps between hard-export evaluations (and heatmaps)
-    log_every: int = 5
-    ckpt_every: int = 25
-    dtype: str = "float32"  # the frozen model in training (gates stay float32): float32 | bfloat16 | float16
-    precision: str = "32-true"
-    accelerator: str = "cpu"
-    devices: int = 1
-    strategy: str = "auto"
-    seed: int = 0
-    threads: int = 0  # torch threads per process; 0 = torch's default
-    wandb_mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
-    wandb_project: str = "headkv"
+    model: str = opt("smollm2-135m", "Hub name, local model directory, or smollm2-135m.")
+    corpus: str = opt("austen", "Training text (its TRAIN split only): austen, a .txt file or folder.")
+    encoding: Optional[str] = opt(None, "Text encoding of a local corpus (default strict UTF-8).")
+    budget: Optional[float] = opt(None, "Average Eff.Ctx (sink + mean window) to learn under (required).")
+    sink: int = opt(4, "Fixed sink tokens of every head.", lo=0, hi=10**6)
+    seq_len: int = opt(1024, "Tokens per training block; also the largest window.", lo=2, hi=10**7)
+    batch_size: int = opt(1, "Blocks per device per step.", lo=1, hi=10**6)
+    max_steps: int = opt(100, "Optimizer steps.", lo=1, hi=10**8)
+    lr: float = opt(0.05, "Adam learning rate on the gate logits.")
+    lr_schedule: str = opt("cosine", "const or cosine (decays to lr_end_frac x lr at the last step).")
+    lr_end_frac: float = opt(0.1, "Cosine schedule: the last step's lr as a fraction of lr.")
+    tau_start: float = opt(8.0, "Soft-edge temperature at the first step.")
+    tau_end: float = opt(2.0, "Soft-edge temperature at the last step (the export is hard either way).")
+    tau_schedule: str = opt("exp", "exp, linear or const.")
+    objective: str = opt("kl", "kl (distil full attention) or ce (language-model loss).")
+    n_blocks: int = opt(0, "Training blocks; 0 = max_steps x global batch.", lo=0, hi=10**8)
+    val_blocks: int = opt(4, "Held-out TRAIN-split blocks for evaluation; 0 = none.", lo=0, hi=10**6)
+    eval_every: int = opt(25, "Steps between hard-export evaluations (and heatmaps).")
+    log_every: int = opt(5, "Steps between logged metrics.")
+    ckpt_every: int = opt(25, "Steps between checkpoints.")
+    dtype: str = opt("float32", "The frozen model's dtype: float32, bfloat16 or float16 (gates: float32).")
+    precision: str = opt("32-true", "Lightning precision, e.g. 32-true or bf16-mixed.")
+    accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu or auto.")
+    devices: int = opt(1, "Processes/devices (2 on CPU = DDP over gloo).")
+    strategy: str = opt("auto", "Lightning strategy: auto, ddp, ...")
+    seed: int = opt(0, "Seed for block order and initialisation.", lo=0, hi=2**32 - 1)
+    threads: int = opt(0, "torch threads per process (0 = torch's choice).", lo=0, hi=4096)
+    wandb_mode: str = opt("auto", "auto (online with WANDB_API_KEY), online, offline, disabled.")
+    wandb_project: str = opt("headkv", "wandb project name.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -100,6 +102,8 @@ class TrainConfig:
             elif f.type == "str":
                 kinds = (str, os.PathLike) if key in ("model", "corpus") else str
                 ok, want = isinstance(value, kinds), "a string"
+            elif f.type == "Optional[str]":
+                ok, want = value is None or isinstance(value, str), "a string"
             elif f.type == "int":
                 ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
             else:  # float or float | None (budget, checked above): an int is a float too
@@ -208,6 +212,7 @@ class TrainBlocks(L.LightningDataModule):
             seq_len=cfg.seq_len,
             n_blocks=n_train + cfg.val_blocks,
             seed=cfg.seed,
+            encoding=cfg.encoding,
         )
         n = len(blocks)
         held = {int((i + 0.5) * n / cfg.val_blocks) for i in range(cfg.val_blocks)}
@@ -381,6 +386,7 @@ def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: i
 RESUME_KEYS = (
     "model",
     "corpus",
+    "encoding",
     "budget",
     "sink",
     "seq_len",

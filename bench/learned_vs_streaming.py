@@ -34,7 +34,6 @@ from alloc.policies import family_of  # noqa: E402
 from alloc.results import read_rows  # noqa: E402
 
 
-
 def summarize(rows: list[dict]) -> list[dict]:
     newest = {r["name"]: r for r in rows if r.get("kind") == "evaluate"}
     front = sorted((r for n, r in newest.items() if family_of(n) == "B"), key=lambda r: r["eff_ctx"])

@@ -8,19 +8,19 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from alloc import frontier as fr
 from alloc.bootstrap import (
     N_BOOT,
     block_sums,
     boot_ppl,
-    infer_n_blocks,
     paired_delta_interval,
     paired_log_ppl_interval,
     ppl_interval,
     resample_index,
 )
-from alloc.evaluate import _bootstrap_ppl, paired_log_ppl_diff
+from alloc.evaluate import evaluate, paired_log_ppl_diff
 from alloc.frontier import (
     compare,
     compare_all,
@@ -144,16 +144,13 @@ def test_paired_log_ppl_difference_over_blocks():
         paired_log_ppl_diff(a, _row("B_streaming_8", 8, 0.0, n_blocks=3))
 
 
-def test_the_evaluator_interval_reads_blocks_off_the_chunk_counts():
-    # 3 blocks of 63 targets in chunks of 16: 16, 16, 16, 15 per block
-    cnt = np.array([16, 16, 16, 15] * 3, dtype=float)
-    nll = np.random.default_rng(1).normal(3, 0.5, 12) * cnt
-    assert infer_n_blocks(cnt) == 3 and infer_n_blocks([63, 63]) == 2
-    row = {"chunk_nll": nll, "chunk_tokens": cnt, "n_blocks": 3}
-    assert _bootstrap_ppl(nll, cnt) == ppl_interval(row) == _bootstrap_ppl(nll, cnt, n_blocks=3)
-    assert all(math.isnan(v) for v in _bootstrap_ppl(nll[:4], cnt[:4]))  # one block
-    with pytest.raises(ValueError, match="pattern"):
-        infer_n_blocks([16, 15, 16, 16, 15])
+def test_the_evaluator_interval_resamples_its_blocks(tiny):
+    blocks = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    res = evaluate(tiny, None, blocks, chunk=16).to_dict()  # 3 blocks of 39 targets: chunks 16, 16, 7
+    assert len(res["chunk_tokens"]) == 9 and res["n_blocks"] == 3
+    assert (res["ppl_lo"], res["ppl_hi"]) == ppl_interval(res) and res["ppl_lo"] < res["ppl"] < res["ppl_hi"]
+    one = evaluate(tiny, None, blocks[:1], chunk=16)
+    assert math.isnan(one.ppl_lo) and math.isnan(one.ppl_hi)  # one block: no interval, not a fake one
 
 
 # ---- the monotone frontier and the saving factor ---------------------------------------------------------
