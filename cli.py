@@ -81,6 +81,8 @@ def main() -> None:
         typer.echo(f"error: internal {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                    "(HEADKV_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -362,6 +364,8 @@ def train(cfg: Any, out_dir: Optional[str] = None, meta: Optional[dict] = None) 
         raise TrainError(f"{run_dir} already holds a run: pass --resume {run_dir} or another --out-dir")
     check_output(run_dir, directory=True)
     lm, tok = load_model(cfg.model, dtype=cfg.torch_dtype)
+    if cfg.seq_len > model_shape(lm).max_positions:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's {model_shape(lm).max_positions} positions")
     if meta is not None:
         check_same_model(meta, model_shape(lm))
     _RESUME["hint"] = f"checkpoints are kept in {run_dir / 'checkpoints'}; resume with --resume {run_dir}"

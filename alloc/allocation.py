@@ -183,9 +183,11 @@ class Allocation:
     def load(cls, path: str | Path) -> Allocation:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise AllocationError(f"cannot read allocation file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise AllocationError(f"{path} is not a text file (an allocation is JSON)") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

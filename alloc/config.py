@@ -261,17 +261,26 @@ def check_device(device: str) -> None:
 
 
 def check_output(path: str | Path, *, directory: bool = False) -> None:
-    """Fail now, with one line, if ``path`` (a file, or a folder) cannot be written later."""
+    """Fail now, with one line, if ``path`` (a file, or a folder) cannot be written later: its folders are
+    made and a probe file written and removed; folders made only for the probe are removed again."""
     path = Path(path)
-    if not str(path):
+    if not directory and str(path) in ("", "."):
         raise ConfigError("an output path is empty")
     if path.exists() and path.is_dir() != directory:
         kind = "a folder" if path.is_dir() else "a file"
         raise ConfigError(f"output {path} is {kind}; expected {'a folder' if directory else 'a file'}")
-    parent = path if directory and path.exists() else path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"output {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"output {path} is not writable")
+    folder = path if directory else path.parent
+    made: list[Path] = []
+    probe = folder / f".headkv-probe-{os.getpid()}"
+    try:
+        for p in [*reversed(folder.parents), folder]:
+            if not p.exists():
+                p.mkdir()
+                made.append(p)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output {path} cannot be written: {e.strerror or e}") from None
+    finally:
+        for p in reversed(made):
+            p.rmdir()

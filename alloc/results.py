@@ -20,6 +20,8 @@ import platform
 from pathlib import Path
 from typing import Any, Iterator
 
+from models.common import HeadkvError
+
 
 def versions() -> dict[str, str]:
     import lightning
@@ -88,14 +90,26 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
+class ResultsError(HeadkvError):
+    """A results file that is not headkv's JSON lines."""
+
+
 def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete rows of a results file (a torn last line is skipped); a damaged file is one error line."""
     path = Path(path)
     if not path.exists():
         return
-    with path.open() as f:
-        for line in f:
-            if not line.endswith("\n"):
+    if not path.is_file():
+        raise ResultsError(f"results file {path} is not a file")
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
                 break  # torn last line
-            line = line.strip()
-            if line:
-                yield json.loads(line)
+            try:
+                row = json.loads(raw) if raw.strip() else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ResultsError(f"results file {path}, line {n}: not a JSON row") from None
+            if row is not None and not isinstance(row, dict):
+                raise ResultsError(f"results file {path}, line {n}: a row must be a JSON object")
+            if row is not None:
+                yield row

@@ -25,7 +25,15 @@ from alloc.allocation import AllocationError
 from alloc.evaluate import evaluate
 from alloc.frontier import family
 from alloc.policies import Entry, unique_labels
-from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
+from alloc.results import (
+    ResultsError,
+    append_row,
+    measurement_key,
+    model_identity,
+    read_rows,
+    tokens_digest,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,12 @@ def run_sweep(
 
 def sweep_rows(out: str | Path) -> list[dict[str, Any]]:
     """Every sweep row of a results file (the latest per measurement key and name), display labels unique."""
-    latest = {(r.get("key") or id(r), r["name"]): r for r in read_rows(out) if r.get("kind") == "sweep"}
+    rows = [r for r in read_rows(out) if r.get("kind") == "sweep"]
+    for r in rows:
+        lacking = [k for k in ("name", "eff_ctx", "ppl", "ppl_lo", "ppl_hi", "acc") if k not in r]
+        if lacking:
+            raise ResultsError(f"{out}: a sweep row lacks {', '.join(lacking)}")
+    latest = {(r.get("key") or id(r), r["name"]): r for r in rows}
     rows = list(latest.values())
     labels = unique_labels([r["name"] for r in rows], [r.get("file") for r in rows])
     return [{**r, "name": lab} for r, lab in zip(rows, labels, strict=True)]

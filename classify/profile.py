@@ -187,12 +187,15 @@ class HeadProfile:
             raise ProfileError(f"cannot read head profile {path}: {e.strerror or e}") from None
         except json.JSONDecodeError as e:
             raise ProfileError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        except UnicodeDecodeError:
+            raise ProfileError(f"{path} is not a text file (a head profile is JSON)") from None
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
             raise ProfileError(f"{path} is not a head profile (format_version {FORMAT_VERSION})")
         try:
             return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-        except (TypeError, KeyError) as e:
-            raise ProfileError(f"{path}: malformed head profile ({e})") from None
+        except (TypeError, KeyError, ValueError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ProfileError(f"{path}: malformed head profile ({why})") from None
 
 
 def from_stats(

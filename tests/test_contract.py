@@ -1,0 +1,318 @@
+"""The contract for bad input, as a table: every command, option, config key and input file.
+
+Each case runs ``headkv ARGS`` in process on a tiny random Llama saved with the offline default's tokenizer
+and must end with exactly one stderr line starting ``error:``, exit code 2, no traceback, and no file left
+behind that was not there before (no partial output, no stray folder, no temp file). A crafted pickle passed
+as a checkpoint must not run. ``{m}`` is the tiny model folder, ``{t}`` its text corpus, ``{d}`` the case's
+own empty folder, and ``{f:NAME}`` one of the prepared bad files below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.test_passkey import cli_run, make_tiny_dir
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "headkv-contract-pwned"
+
+
+class _Pwn:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+def _files(root: Path, model_dir: Path) -> dict[str, Path]:
+    """Bad input files, one per way a file can be wrong."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    shape = [cfg.num_hidden_layers, cfg.num_key_value_heads]
+    good = {"format_version": 1, "model_id": "", "shape": shape, "q_per_kv": 2, "meta": {},
+            "sink": [[4] * shape[1]] * shape[0], "window": [[8] * shape[1]] * shape[0]}
+    texts = {
+        "alloc_json": "{not json",
+        "alloc_list": "[1, 2]",
+        "alloc_version": json.dumps({**good, "format_version": 9}),
+        "alloc_shape": json.dumps({**good, "shape": [5, 7]}),
+        "alloc_other_model": json.dumps({**good, "shape": [shape[0], 1], "sink": [[4]] * shape[0],
+                                         "window": [[8]] * shape[0]}),
+        "alloc_negative": json.dumps({**good, "sink": [[-1] * shape[1]] * shape[0]}),
+        "alloc_zero_window": json.dumps({**good, "window": [[0] * shape[1]] * shape[0]}),
+        "alloc_float": json.dumps({**good, "window": [[8.5] * shape[1]] * shape[0]}),
+        "alloc_missing": json.dumps({k: v for k, v in good.items() if k != "window"}),
+        "alloc_ragged": json.dumps({**good, "window": [[8] * shape[1], [8]]}),
+        "alloc_q_per_kv": json.dumps({**good, "q_per_kv": 3}),
+        "profile_json": "][",
+        "profile_other": json.dumps({"format_version": 1, "shape": [9, 9], "labels": [], "confidence": []}),
+        "results_garbage": '{"kind": "sweep", "name": "x"}\nthis is not json\n',
+        "results_no_name": '{"kind": "sweep", "ppl": 3}\n',
+        "results_list": "[1, 2, 3]\n",
+        "results_empty": "",
+        "results_no_rows": '{"kind": "evaluate", "name": "full"}\n',
+        "yaml_bad": "tokens: [1, 2\n",
+        "yaml_list": "- 1\n- 2\n",
+        "yaml_unknown": "tokenz: 12\n",
+        "yaml_type": "tokens: many\n",
+        "yaml_float_int": "seq_len: 64.5\n",
+        "yaml_bool_int": "tokens: true\n",
+        "yaml_negative": "tokens: -4\n",
+        "yaml_str_list": "policy: {a: 1}\n",
+        "yaml_dtype": "dtype: int8\n",
+        "grid_not_map": "grid: [full]\n",
+        "grid_missing": "grid: {\"A_window_{W}\": null}\n",
+        "grid_unknown": "grid: {Z_nope_1: null}\n",
+        "grid_empty": "grid: {}\n",
+        "train_yaml_bad": "lr: fast\n",
+        "ckpt_text": "not a checkpoint at all",
+        "ckpt_empty": "",
+        "prompts": "{}",
+    }
+    out = {}
+    for name, text in texts.items():
+        out[name] = root / f"{name}.{'yaml' if 'yaml' in name or 'grid' in name else 'json'}"
+        out[name].write_text(text)
+    out["binary"] = root / "binary.json"
+    out["binary"].write_bytes(b"\xff\xfe\x00garbage\x81")
+    out["latin1"] = root / "latin1.txt"
+    out["latin1"].write_bytes("Caf\xe9 au lait, d\xe9j\xe0 vu.\n\n".encode("latin-1") * 200)
+    out["ckpt_pickle"] = root / "pwn.ckpt"
+    out["ckpt_pickle"].write_bytes(pickle.dumps({"state_dict": _Pwn()}))
+    out["empty_dir"] = root / "empty_dir"
+    out["empty_dir"].mkdir()
+    out["a_file"] = root / "a_file.txt"
+    out["a_file"].write_text("x")
+    return out
+
+
+E = "evaluate --model {m} --corpus {t} --tokens 64 --seq-len 32"
+P = "passkey --model {m} --corpus {t} --length 128 --depth 0.5 --trials 1"
+G = "generate --model {m} --prompt hello --max-new-tokens 2"
+T = "train --model {m} --corpus {t} --seq-len 32 --max-steps 1 --wandb-mode disabled"
+CASES = [
+    # ---- the option parser -----------------------------------------------------------------------------
+    ("nope", "No such command"),
+    ("evaluate --nope 1", "No such option"),
+    ("evaluate --tokens", "requires an argument"),
+    ("evaluate --tokens abc", "valid integer"),
+    ("evaluate --tokens 1.5", "valid integer"),
+    ("evaluate --seq-len ''", "valid integer"),
+    ("classify --tau x", "valid number"),
+    ("evaluate extra-positional", "unexpected extra argument"),
+    ("plot a b", "unexpected extra argument"),
+    ("export --budget x", "valid number"),
+    ("passkey --depth half", "valid number"),
+    ("train --budget", "requires an argument"),
+    # ---- evaluate: ranges and names ---------------------------------------------------------------------
+    (E + " --tokens 0", "--tokens must be between"),
+    (E + " --tokens -5", "--tokens must be between"),
+    (E + " --tokens 1000000000000000000000000000000", "--tokens must be between"),
+    (E + " --seq-len 1", "--seq-len must be between"),
+    (E + " --seq-len 100000", "exceeds the model's 512 positions"),
+    (E + " --dtype float8", "--dtype must be one of"),
+    (E + " --dtype ''", "--dtype must be one of"),
+    (E + " --device tpu", "not a device name"),
+    (E + " --device cuda", "no CUDA device"),
+    (E + " --device cuda:x", "not a device name"),
+    (E + " --mode fast", "--mode must be one of"),
+    (E + " --reindex", "--reindex applies to --mode streaming"),
+    (E + " --mode streaming --chunk 0", "--chunk must be between"),
+    (E + " --mode streaming --segment 0", "--segment must be between"),
+    (E + " --split dev", "--split must be one of"),
+    (E + " --policy Z_nope_1", "unknown policy"),
+    (E + " --policy B_streaming_2", "must exceed the 4 sink tokens"),
+    (E + " --policy G_conf0.5_base8", "needs a head profile"),
+    (E + " --policy G_conf0.5_base8 --profile {f:profile_json}", "not valid JSON"),
+    (E + " --policy G_conf0.5_base8 --profile {d}/none.json", "cannot read head profile"),
+    (E + " --policy G_conf0.5_base8 --profile {f:profile_other}", "head profile"),
+    (E + " --policy G_conf0.5_base8 --profile {f:binary}", "not a text file"),
+    (E + " --out {f:empty_dir}", "is a folder"),
+    (E + " --out {f:a_file}/x.jsonl", "cannot be written"),
+    (E + " --model {d}/no-model", "model"),
+    (E + " --model {f:empty_dir}", "model"),
+    (E + " --corpus {d}/missing.txt", "corpus path not found"),
+    (E + " --corpus {f:empty_dir}", "no .txt files"),
+    (E + " --corpus {f:latin1}", "not valid utf-8"),
+    (E + " --corpus {f:latin1} --encoding no-such-codec", "unknown text encoding"),
+    (E + " --corpus {t} --tokens 10000000", "tokens"),
+    # ---- allocation files (every command that takes them) ----------------------------------------------
+    (E + " --allocation {d}/missing.json", "cannot read allocation file"),
+    (E + " --allocation {f:alloc_json}", "not valid JSON"),
+    (E + " --allocation {f:alloc_list}", "must hold a JSON object"),
+    (E + " --allocation {f:alloc_version}", "format_version"),
+    (E + " --allocation {f:alloc_shape}", "has shape"),
+    (E + " --allocation {f:alloc_other_model}", "has shape"),
+    (E + " --allocation {f:alloc_negative}", "negative value"),
+    (E + " --allocation {f:alloc_zero_window}", "at least 1"),
+    (E + " --allocation {f:alloc_float}", "non-integer"),
+    (E + " --allocation {f:alloc_missing}", "lacks window"),
+    (E + " --allocation {f:alloc_ragged}", "different lengths"),
+    (E + " --allocation {f:alloc_q_per_kv}", "q_per_kv"),
+    (E + " --allocation {f:binary}", "not a text file"),
+    (E + " --allocation {f:empty_dir}", "cannot read allocation file"),
+    (P + " --allocation {f:alloc_shape}", "has shape"),
+    (G + " --allocation {f:alloc_json}", "not valid JSON"),
+    ("sweep configs/learned.yaml --model {m} --corpus {t} --seq-len 64 --allocation {f:alloc_negative}",
+     "negative value"),
+    # ---- YAML configs --------------------------------------------------------------------------------------
+    ("evaluate --config {d}/missing.yaml", "cannot read config"),
+    ("evaluate --config {f:yaml_bad}", "not valid YAML"),
+    ("evaluate --config {f:yaml_list}", "must be a mapping"),
+    ("evaluate --config {f:yaml_unknown}", "unknown key(s) tokenz"),
+    ("evaluate --config {f:yaml_type}", "'tokens' must be int"),
+    ("evaluate --config {f:yaml_float_int}", "'seq_len' must be int"),
+    ("evaluate --config {f:yaml_bool_int}", "'tokens' must be int"),
+    ("evaluate --config {f:yaml_negative}", "--tokens must be between"),
+    ("evaluate --config {f:yaml_str_list}", "'policy' must be str"),
+    ("evaluate --config {f:yaml_dtype}", "--dtype must be one of"),
+    ("evaluate --config {f:binary}", "not valid YAML"),
+    ("classify --config {f:yaml_unknown}", "unknown key(s)"),
+    ("passkey --config {f:yaml_unknown}", "unknown key(s)"),
+    ("generate --config {f:yaml_unknown}", "unknown key(s)"),
+    ("train --config {f:train_yaml_bad} --budget 16", "'lr' must be float"),
+    ("train --config {f:yaml_unknown} --budget 16", "unknown key(s)"),
+    # ---- classify ------------------------------------------------------------------------------------------
+    ("classify --model {m} --corpus {t} --tau 2", "--tau must be between"),
+    ("classify --model {m} --corpus {t} --gqa median", "--gqa must be one of"),
+    ("classify --model {m} --corpus {t} --seq-len 8 --tokens 64", "--seq-len must exceed"),
+    ("classify --model {m} --corpus {t} --tokens 32 --seq-len 64", "--tokens must be at least --seq-len"),
+    ("classify --model {m} --corpus {t} --sens-window 0", "--sens-window must be between"),
+    ("classify --model {m} --corpus {t} --out {f:empty_dir}", "is a folder"),
+    ("classify --model {m} --corpus {t} --seq-len 256 --tokens 256 --sens-seq-len 4096", "positions"),
+    # ---- sweep ---------------------------------------------------------------------------------------------
+    ("sweep", "give the sweep's YAML config"),
+    ("sweep {d}/missing.yaml", "cannot read config"),
+    ("sweep {f:grid_not_map} --model {m}", "'grid' must be dict"),
+    ("sweep {f:grid_missing} --model {m} --corpus {t}", "gives no values for W"),
+    ("sweep {f:grid_unknown} --model {m} --corpus {t} --seq-len 64", "unknown policy"),
+    ("sweep {f:grid_empty} --model {m} --corpus {t}", "'grid' must map"),
+    ("sweep configs/ablation.yaml --model {m} --corpus {t} --seq-len 64 --profile {d}/none.json",
+     "cannot read head profile"),
+    ("sweep configs/learned.yaml --model {m} --corpus {t} --seq-len 64 --out {f:empty_dir}", "is a folder"),
+    ("sweep configs/learned.yaml --model {m} --corpus {t} --tokens 0", "--tokens must be between"),
+    # ---- plot ----------------------------------------------------------------------------------------------
+    ("plot", "give the results file"),
+    ("plot {d}/missing.jsonl", "does not exist"),
+    ("plot {f:empty_dir}", "does not exist"),
+    ("plot {f:results_garbage}", "not a JSON row"),
+    ("plot {f:results_no_name}", "lacks"),
+    ("plot {f:results_list}", "must be a JSON object"),
+    ("plot {f:results_empty}", "holds no sweep or passkey rows"),
+    ("plot {f:results_no_rows}", "holds no sweep or passkey rows"),
+    ("plot {f:binary}", "holds no sweep or passkey rows"),
+    ("plot {f:results_no_rows} -o {f:a_file}", "is a file"),
+    # ---- train ---------------------------------------------------------------------------------------------
+    (T, "missing config key 'budget'"),
+    (T + " --budget 0", "infeasible"),
+    (T + " --budget 5000", "infeasible"),
+    (T + " --budget 16 --lr -1", "must be positive"),
+    (T + " --budget 16 --lr nan", "finite"),
+    (T + " --budget 16 --objective mse", "objective must be one of"),
+    (T + " --budget 16 --dtype int8", "dtype must be one of"),
+    (T + " --budget 16 --tau-schedule cubic", "tau_schedule must be one of"),
+    (T + " --budget 16 --max-steps 0", "--max-steps must be between"),
+    (T + " --budget 16 --seq-len 0", "--seq-len must be between"),
+    (T + " --budget 16 --seq-len 100000", "positions"),
+    (T + " --budget 16 --batch-size 0", "--batch-size must be between"),
+    (T + " --budget 16 --lr-end-frac 2", "lr_end_frac"),
+    (T + " --budget 16 --wandb-mode loud", "wandb_mode must be one of"),
+    (T + " --budget 16 --out-dir {f:a_file}", "is a file"),
+    (T + " --budget 16 --corpus {f:latin1}", "not valid utf-8"),
+    ("train --resume {d}/missing", "does not exist"),
+    ("train --resume {f:ckpt_pickle}", "not a plain-tensor checkpoint"),
+    ("train --resume {f:ckpt_text}", "cannot read checkpoint"),
+    ("train --resume {f:ckpt_empty}", "checkpoint"),
+    ("train --resume {f:empty_dir}", "checkpoint"),
+    # ---- export --------------------------------------------------------------------------------------------
+    ("export", "--out FILE is required"),
+    ("export -o {d}/a.json", "give the checkpoint"),
+    ("export {d}/missing.ckpt -o {d}/a.json", "does not exist"),
+    ("export {f:ckpt_pickle} -o {d}/a.json", "not a plain-tensor checkpoint"),
+    ("export {f:ckpt_text} -o {d}/a.json", "cannot read checkpoint"),
+    ("export {f:ckpt_empty} -o {d}/a.json", "checkpoint"),
+    ("export {f:ckpt_text} -o {f:empty_dir}", "is a folder"),
+    ("export {f:ckpt_text} -o {d}/a.json --budget 0", "--budget must be between"),
+    ("export {f:ckpt_text} -o {d}/a.json --budget nan", "finite"),
+    # ---- generate ------------------------------------------------------------------------------------------
+    ("generate --model {m} --policy full", "--prompt is required"),
+    ("generate --model {m} --policy full --prompt ''", "--prompt is required"),
+    (G, "exactly one of"),
+    (G + " --policy full --allocation {f:alloc_json}", "exactly one of"),
+    (G + " --policy full --max-new-tokens 0", "--max-new-tokens must be between"),
+    (G + " --policy full --max-new-tokens 100000", "exceeds the model's 512 positions"),
+    (G + " --policy full --reindex", "--reindex needs an allocation"),
+    (G + " --policy Z_bad", "unknown policy"),
+    (G + " --policy full --device tpu", "not a device name"),
+    # ---- passkey -------------------------------------------------------------------------------------------
+    (P + " --depth 1.5", "--depth must be between"),
+    (P + " --depth -0.1", "--depth must be between"),
+    (P + " --trials 0", "--trials must be between"),
+    (P + " --batch 0", "--batch must be between"),
+    (P + " --length 100000", "exceeds the model's 512 positions"),
+    (P + " --length 10", "--length must be between"),
+    (P + " --seed -1", "--seed must be between"),
+    (P + " --policy Z_bad", "unknown policy"),
+    (P + " --out {f:empty_dir}", "is a folder"),
+    (P + " --plots {f:a_file}", "is a file"),
+    (P + " --corpus {f:latin1}", "not valid utf-8"),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, smollm):
+    root = make_tiny_dir(tmp_path_factory.mktemp("contract"), smollm[1])
+    return root, _files(root, root / "model")
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("args,message", CASES, ids=[f"{i:03d}" for i in range(len(CASES))])
+def test_bad_input_is_one_error_line_exit_2_and_nothing_written(world, tmp_path, monkeypatch, args, message):
+    import shlex
+
+    root, files = world
+    monkeypatch.chdir(tmp_path)  # default outputs (results/, runs/) would land here
+    (tmp_path / "configs").symlink_to(Path(__file__).parents[1] / "configs")
+    words = [w.replace("{m}", str(root / "model")).replace("{t}", str(root / "text.txt"))
+             .replace("{d}", str(tmp_path)) for w in shlex.split(args)]
+    words = [re.sub(r"\{f:(\w+)\}", lambda m: str(files[m.group(1)]), w) for w in words]
+    before, before_root = _listing(tmp_path), _listing(root)
+    MARKER.unlink(missing_ok=True)
+    r = cli_run(*words)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr[-2000:])
+    assert message.lower() in lines[0].lower(), (args, lines[0])
+    assert "Traceback" not in r.stderr + r.stdout
+    assert _listing(tmp_path) == before, (args, _listing(tmp_path) - before)  # nothing partial or stray
+    assert _listing(root) == before_root, (args, _listing(root) ^ before_root)
+    assert not MARKER.exists()  # a crafted pickle never ran
+
+
+def test_the_table_covers_every_command_and_a_hundred_inputs():
+    commands = {c.split()[0] for c, _ in CASES}
+    assert {"evaluate", "classify", "sweep", "plot", "train", "export", "generate", "passkey"} <= commands
+    assert len(CASES) >= 100
+
+
+def test_ctrl_c_says_what_was_kept_and_exits_130(world, tmp_path, monkeypatch):
+    import alloc.evaluate
+
+    root, _ = world
+    out = tmp_path / "r.jsonl"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alloc.evaluate, "evaluate", interrupted)
+    r = cli_run("evaluate", "--model", str(root / "model"), "--corpus", str(root / "text.txt"),
+                "--tokens", "64", "--seq-len", "32", "--out", str(out))
+    assert r.returncode == 130 and "interrupted" in r.stderr and str(out) in r.stderr
+    assert "Traceback" not in r.stderr
