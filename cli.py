@@ -1,16 +1,16 @@
 """headkv's command line: each command reads its config dataclass (defaults < YAML ``--config`` < flags; see
 :mod:`alloc.config`), calls the library and writes one artifact.
 
-| command    | library                                              | artifact                                  |
-|------------|------------------------------------------------------|-------------------------------------------|
-| evaluate   | alloc.evaluate.evaluate / alloc.streaming.run_streams | JSON lines in a results file              |
-| classify   | classify.profile.from_stats (+ classify.sensitivity) | head profile JSON                         |
-| sweep      | alloc.sweep.run_sweep                                | JSON lines, one per configuration (resumable) |
-| plot       | alloc.plots.plot_all                                 | PNG figures                               |
-| train      | alloc.train.fit                                      | run dir: checkpoint, allocation.json, heatmap |
-| export     | alloc.train.export_checkpoint                        | allocation JSON (learned, any budget)     |
-| generate   | alloc.passkey.greedy_with_cache                      | continuation + KV bytes held, on stdout   |
-| passkey    | alloc.passkey.run_passkey_file                       | JSON lines (resumable) + heatmaps         |
+| command  | library                                           | artifact                                      |
+|----------|---------------------------------------------------|-----------------------------------------------|
+| evaluate | alloc.evaluate.evaluate, alloc.streaming.run_streams | JSON lines in a results file               |
+| classify | classify.sensitivity.classify_model               | head profile JSON                             |
+| sweep    | alloc.sweep.run_sweep                             | JSON lines, one per configuration (resumable) |
+| plot     | alloc.plots.plot_all, alloc.plots.passkey_heatmaps | PNG figures                                  |
+| train    | alloc.train.fit                                   | run dir: checkpoint, allocation.json, heatmap |
+| export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
+| generate | alloc.passkey.greedy_with_cache                   | continuation + KV bytes held, on stdout       |
+| passkey  | alloc.passkey.run_passkey_file                    | JSON lines (resumable) + heatmaps             |
 
 Bad input ends with one ``error: ...`` line on stderr and exit code 2, never a traceback, before any compute.
 """
@@ -38,6 +38,7 @@ from alloc.config import (
     PasskeyConfig,
     PlotConfig,
     SweepConfig,
+    TrainConfig,
     check_device,
     check_output,
     load,
@@ -91,26 +92,18 @@ def command(cls: type, *, config_arg: bool = False, extra: Callable[..., Any] | 
     in the dataclass); ``--config`` (or a positional CONFIG) loads a YAML file of the same keys."""
 
     def deco(run: Callable[..., None]) -> Callable[..., None]:
-        hints, params = typing.get_type_hints(cls), []
-        for f in fields(cls):
+        hints, params, kw_only = typing.get_type_hints(cls), [], inspect.Parameter.KEYWORD_ONLY
+        for f in (f for f in fields(cls) if hints[f.name] is not dict):  # a dict (a sweep's grid): YAML only
             meta, tp = f.metadata, hints[f.name]
-            if tp is dict:
-                continue  # YAML only (a sweep's grid)
             shown = "" if f.default in (None, "") else f" [default: {f.default}]"
-            if meta.get("arg"):
-                default = typer.Argument(None, help=meta.get("help", ""), show_default=False)
-                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                annotation=Optional[str]))
-                continue
             flag = f"--{f.name.replace('_', '-')}"
             names = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag, *([meta["flag"]] if "flag" in meta else [])]
-            default = typer.Option(None, *names, help=meta.get("help", "") + shown, show_default=False)
-            ann = Optional[tp]
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
+            default = (typer.Argument(None, help=meta.get("help", ""), show_default=False) if meta.get("arg") else
+                       typer.Option(None, *names, help=meta.get("help", "") + shown, show_default=False))
+            params.append(inspect.Parameter(f.name, kw_only, default=default, annotation=Optional[tp]))
         cfg_default = (typer.Argument(None, help="YAML config.", show_default=False) if config_arg
                        else typer.Option(None, "--config", help="YAML file with any of these options; flags override it."))
-        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=cfg_default,
-                                        annotation=Optional[str]))
+        params.append(inspect.Parameter("config", kw_only, default=cfg_default, annotation=Optional[str]))
         extras = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # extra(cls, config, given, run, **options)
                   for p in list(inspect.signature(extra).parameters.values())[4:]] if extra else []
 
@@ -160,6 +153,20 @@ def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str]
 
 def _bar(label: str, length: int) -> Any:
     return typer.progressbar(length=length, label=f"{label:28s}", file=sys.stderr)
+
+
+def _stage_bars() -> Callable[[str, int, int], None]:
+    """``progress(stage, i, n)``: one progress bar per stage, closed at its last step."""
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, i: int, n: int) -> None:
+        if stage not in bars:
+            bars[stage] = _bar(stage, n).__enter__()
+        bars[stage].update(1)
+        if i == n:
+            bars.pop(stage).__exit__(None, None, None)
+
+    return progress
 
 
 def _stamp() -> dict[str, Any]:
@@ -246,21 +253,10 @@ def classify(cfg: ClassifyConfig) -> None:
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     sens_blocks = (blocks_for(tok, cfg.corpus, cfg.split, cfg.sens_tokens, cfg.sens_seq_len, cfg.encoding)
                    if cfg.sensitivity else None)
-    bars: dict[str, Any] = {}
-
-    def progress(stage: str, i: int, n: int) -> None:
-        if stage not in bars:
-            bars[stage] = _bar(stage, n).__enter__()
-        bars[stage].update(1)
-        if i == n:
-            bars.pop(stage).__exit__(None, None, None)
-
-    meta = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "tokens": cfg.tokens,
-            "seq_len": cfg.seq_len}
-    prof = classify_model(lm, blocks, rule, meta, sens_blocks, cfg.sens_window, progress)
+    meta = {k: getattr(cfg, k) for k in ("model", "corpus", "split", "tokens", "seq_len")}
+    prof = classify_model(lm, blocks, rule, meta, sens_blocks, cfg.sens_window, _stage_bars())
     prof.save(cfg.out)
-    for line in report(prof):
-        typer.echo(line)
+    typer.echo("\n".join(report(prof)))
     typer.echo(f"wrote head profile to {cfg.out}")
 
 
@@ -284,22 +280,11 @@ def sweep(cfg: SweepConfig) -> None:
     lm, tok = _load_model(cfg, cfg.seq_len)
     entries = _entries(lm, names, cfg.allocation, cfg.profile)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
-    info = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "tokens": cfg.tokens,
-            "seq_len": cfg.seq_len}
-    bars: dict[str, Any] = {}
-
-    def progress(name: str, i: int, n: int) -> None:
-        if name not in bars:
-            bars[name] = _bar(name, n).__enter__()
-        bars[name].update(1)
-        if i == n:
-            bars.pop(name).__exit__(None, None, None)
-
+    info = {k: getattr(cfg, k) for k in ("model", "corpus", "split", "tokens", "seq_len")}
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}; rerun the same command to resume"
     start = time.perf_counter()
-    rows = run_sweep(lm, blocks, entries, cfg.out, info, progress)
-    for line in comparison_table(rows):
-        typer.echo(line)
+    rows = run_sweep(lm, blocks, entries, cfg.out, info, _stage_bars())
+    typer.echo("\n".join(comparison_table(rows)))
     typer.echo(f"{len(rows)} configuration(s) in {cfg.out}; this run took {time.perf_counter() - start:.0f} s")
 
 
@@ -329,7 +314,7 @@ def _train_load(cls: type, config: Optional[str], given: dict[str, Any], run: Ca
                 out_dir: Optional[str] = typer.Option(None, help="Run directory (default runs/<run id>)."),
                 resume: Optional[str] = typer.Option(None, help="Continue a run: its directory or a checkpoint file.")) -> None:
     """Train options come from TrainConfig (alloc/train.py); a resumed run starts from its saved config."""
-    from alloc.train import TrainConfig, check_resume, load_checkpoint_meta, resume_run_dir
+    from alloc.train import check_resume, load_checkpoint_meta, resume_run_dir
 
     meta = load_checkpoint_meta(resume)[0] if resume is not None else None
     cfg = load(TrainConfig, config, given, base=meta["config"] if meta else None)
@@ -339,14 +324,8 @@ def _train_load(cls: type, config: Optional[str], given: dict[str, Any], run: Ca
     run(cfg, out_dir=out_dir, meta=meta)
 
 
-def _train_cls() -> type:
-    from alloc.train import TrainConfig
-
-    return TrainConfig
-
-
-@command(_train_cls(), extra=_train_load)
-def train(cfg: Any, out_dir: Optional[str] = None, meta: Optional[dict] = None) -> None:
+@command(TrainConfig, extra=_train_load)
+def train(cfg: TrainConfig, out_dir: Optional[str] = None, meta: Optional[dict] = None) -> None:
     """Learn per-head windows under an average-context budget; write a run directory with the checkpoint,
     the exported allocation.json and a window heatmap."""
     from alloc.train import TrainError, check_same_model, fit, new_run_id

@@ -23,9 +23,8 @@ import os
 import pickle
 import secrets
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,111 +32,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alloc.allocation import Allocation
-from alloc.config import opt
-from alloc.gates import GateError, WindowGates, check_budget
+from alloc.config import TrainConfig, TrainError
+from alloc.gates import WindowGates
 from models.attention import windowed
-from models.common import HeadkvError, atomic_write
+from models.common import atomic_write
 from models.loading import model_shape
 
 log = logging.getLogger(__name__)
 CKPT_KEY = "headkv"
 CKPT_VERSION = 1
-
-
-class TrainError(HeadkvError):
-    """A training run or checkpoint that cannot be used as asked, said in one line."""
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run (the keys of configs/train.yaml)."""
-
-    model: str = opt("smollm2-135m", "Hub name, local model directory, or smollm2-135m.")
-    corpus: str = opt("austen", "Training text (its TRAIN split only): austen, a .txt file or folder.")
-    encoding: Optional[str] = opt(None, "Text encoding of a local corpus (default strict UTF-8).")
-    budget: Optional[float] = opt(None, "Average Eff.Ctx (sink + mean window) to learn under (required).")
-    sink: int = opt(4, "Fixed sink tokens of every head.", lo=0, hi=10**6)
-    seq_len: int = opt(1024, "Tokens per training block; also the largest window.", lo=2, hi=10**7)
-    batch_size: int = opt(1, "Blocks per device per step.", lo=1, hi=10**6)
-    max_steps: int = opt(100, "Optimizer steps.", lo=1, hi=10**8)
-    lr: float = opt(0.05, "Adam learning rate on the gate logits.")
-    lr_schedule: str = opt("cosine", "const or cosine (decays to lr_end_frac x lr at the last step).")
-    lr_end_frac: float = opt(0.1, "Cosine schedule: the last step's lr as a fraction of lr.")
-    tau_start: float = opt(8.0, "Soft-edge temperature at the first step.")
-    tau_end: float = opt(2.0, "Soft-edge temperature at the last step (the export is hard either way).")
-    tau_schedule: str = opt("exp", "exp, linear or const.")
-    objective: str = opt("kl", "kl (distil full attention) or ce (language-model loss).")
-    n_blocks: int = opt(0, "Training blocks; 0 = max_steps x global batch.", lo=0, hi=10**8)
-    val_blocks: int = opt(4, "Held-out TRAIN-split blocks for evaluation; 0 = none.", lo=0, hi=10**6)
-    eval_every: int = opt(25, "Steps between hard-export evaluations (and heatmaps).")
-    log_every: int = opt(5, "Steps between logged metrics.")
-    ckpt_every: int = opt(25, "Steps between checkpoints.")
-    dtype: str = opt("float32", "The frozen model's dtype: float32, bfloat16 or float16 (gates: float32).")
-    precision: str = opt("32-true", "Lightning precision, e.g. 32-true or bf16-mixed.")
-    accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu or auto.")
-    devices: int = opt(1, "Processes/devices (2 on CPU = DDP over gloo).")
-    strategy: str = opt("auto", "Lightning strategy: auto, ddp, ...")
-    seed: int = opt(0, "Seed for block order and initialisation.", lo=0, hi=2**32 - 1)
-    threads: int = opt(0, "torch threads per process (0 = torch's choice).", lo=0, hi=4096)
-    wandb_mode: str = opt("auto", "auto (online with WANDB_API_KEY), online, offline, disabled.")
-    wandb_project: str = opt("headkv", "wandb project name.")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainError(f"unknown config key(s): {', '.join(unknown)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.budget is None:
-            raise TrainError("missing config key 'budget' (pass --budget or set it in the config)")
-        for f in fields(self):  # the annotations are strings here (postponed evaluation)
-            value, key = getattr(self, f.name), f.name
-            if key == "precision":  # Lightning also takes 32, 16, ...
-                ok, want = isinstance(value, (str, int)) and not isinstance(value, bool), "a string"
-            elif f.type == "str":
-                kinds = (str, os.PathLike) if key in ("model", "corpus") else str
-                ok, want = isinstance(value, kinds), "a string"
-            elif f.type == "Optional[str]":
-                ok, want = value is None or isinstance(value, str), "a string"
-            elif f.type == "int":
-                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-            else:  # float or float | None (budget, checked above): an int is a float too
-                ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-            if not ok:
-                raise TrainError(f"{key} must be {want}, got {value!r}")
-        choices = {
-            "tau_schedule": ("exp", "linear", "const"),
-            "lr_schedule": ("const", "cosine"),
-            "objective": ("kl", "ce"),
-            "wandb_mode": ("auto", "online", "offline", "disabled"),
-            "dtype": ("float32", "bfloat16", "float16"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise TrainError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        for key in ("seq_len", "batch_size", "max_steps", "devices", "eval_every", "log_every", "ckpt_every"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise TrainError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if not (self.tau_start > 0 and self.tau_end > 0 and self.lr > 0):
-            raise TrainError("tau_start, tau_end and lr must be positive")
-        if not 0 <= self.lr_end_frac <= 1:
-            raise TrainError(f"lr_end_frac must lie in [0, 1], got {self.lr_end_frac!r}")
-        try:
-            check_budget(float(self.budget), self.sink, self.seq_len)
-        except GateError as e:
-            raise TrainError(str(e)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
 
 
 def tau_at(cfg: TrainConfig, step: int) -> float:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-import cli
 from tests.conftest import run_cli as run
 
 
@@ -18,7 +17,11 @@ def offline(monkeypatch, smollm):
 def test_help_explains_every_option(monkeypatch, capsys):
     code, out, _ = run(monkeypatch, capsys, "evaluate", "--help")
     assert code == 0
-    for opt in cli.EVALUATE_DEFAULTS:
+    from dataclasses import fields
+
+    from alloc.config import EvaluateConfig
+
+    for opt in (f.name for f in fields(EvaluateConfig)):
         assert "--" + opt.replace("_", "-") in out
 
 

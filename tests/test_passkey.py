@@ -11,7 +11,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from alloc.passkey import NEEDLE, QUESTION, build_tasks, is_correct
 from alloc.plots import passkey_heatmaps
@@ -143,14 +142,6 @@ def test_cli_passkey_runs_resumes_and_refuses_too_long(tiny_dir):
     assert (
         bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
     )
-
-
-def test_passkey_config_loads():
-    from cli import PASSKEY_DEFAULTS
-
-    cfg = yaml.safe_load(open("configs/passkey.yaml"))
-    assert set(cfg) <= set(PASSKEY_DEFAULTS)
-    assert max(cfg["lengths"]) < 8192 and all(0 <= d <= 1 for d in cfg["depths"]) and cfg["trials"] >= 1
 
 
 def test_retrieval_scores_are_attention_mass_on_the_needle(tiny):

@@ -1,0 +1,67 @@
+"""The house's rules, checked: models/ is the ground, one door, a thin CLI, every config file loads."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+ROOMS = [("models", ("alloc", "classify", "cli")), ("alloc", ("classify", "cli")), ("classify", ("cli",))]
+
+
+@pytest.mark.parametrize("room, above", ROOMS)
+def test_rooms_import_only_what_lies_below_them(room, above):
+    for path in sorted((ROOT / room).glob("*.py")):
+        bad = {m for m in _imports(path) if m.split(".")[0] in above}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_transformers_internals_live_in_one_place():
+    for path in [*ROOT.glob("*/*.py"), ROOT / "cli.py"]:
+        text = path.read_text()
+        assert "_global_mapping" not in text or path.name == "test_layout.py", path
+        if path.parent.name in ("alloc", "classify") or path.name == "cli.py":
+            assert "AttentionInterface" not in text and "_attn_implementation" not in text, path
+
+
+def test_an_allocation_reaches_a_model_only_through_applied():
+    rooms = [*ROOT.glob("alloc/*.py"), *ROOT.glob("classify/*.py"), *ROOT.glob("bench/*.py")]
+    for path in [*rooms, ROOT / "cli.py"]:
+        text = path.read_text()
+        assert "PerHeadCache(" not in text and "HardMask(" not in text or path.name == "allocation.py", path
+
+
+def test_cli_is_thin():
+    assert len((ROOT / "cli.py").read_text().splitlines()) <= 450
+
+
+CONFIGS = {"evaluate": "EvaluateConfig", "classify": "ClassifyConfig", "ablation": "SweepConfig",
+           "learned": "SweepConfig", "passkey": "PasskeyConfig", "train": None}
+
+
+def test_every_config_file_loads_through_its_commands_dataclass():
+    import alloc.config as config
+    from alloc.train import TrainConfig
+
+    assert {p.stem for p in (ROOT / "configs").glob("*.yaml")} == set(CONFIGS)
+    for name, cls in CONFIGS.items():
+        path = ROOT / "configs" / f"{name}.yaml"
+        if cls is None:
+            cfg = config.load(TrainConfig, path, {"budget": 64})
+        else:
+            cfg = config.load(getattr(config, cls), path, {})
+        assert cfg is not None
