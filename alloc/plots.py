@@ -347,3 +347,22 @@ def passkey_heatmaps(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> lis
         path = out_dir / f"passkey_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
         paths.append(_save(fig, path))
     return paths
+
+
+def window_heatmap(alloc: Any, path: str | Path, title: str = "") -> Path:
+    """An allocation's windows (layer x KV head), log colour scale, each cell annotated with its window."""
+    from matplotlib.colors import LogNorm
+
+    _, w = alloc.tensors()
+    n_layers, n_heads = w.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_heads, 1.2 + 0.26 * n_layers))
+    im = ax.imshow(w.numpy(), aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(int(w.max()), 2)))
+    for i in range(n_layers):
+        for j in range(n_heads):
+            v = int(w[i, j])
+            colour = "w" if v < w.max() ** 0.5 else "k"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color=colour)
+    ax.set(xlabel="KV head", ylabel="layer", title=title or alloc.name, xticks=range(n_heads))
+    fig.colorbar(im, ax=ax, label="window (tokens)")
+    fig.tight_layout()
+    return _save(fig, Path(path))

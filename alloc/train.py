@@ -35,7 +35,6 @@ from alloc.allocation import Allocation
 from alloc.config import TrainConfig, TrainError
 from alloc.gates import WindowGates
 from models.attention import windowed
-from models.common import atomic_write
 from models.loading import model_shape
 
 log = logging.getLogger(__name__)
@@ -249,34 +248,10 @@ def new_run_id(budget: float) -> str:
     )
 
 
-def heatmap_png(alloc: Allocation, path: str | Path, title: str = "") -> Path:
-    """Window heatmap (layer x KV head), log colour scale, each cell annotated with its window."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    _, w = alloc.tensors()
-    n_layers, n_heads = w.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_heads, 1.2 + 0.26 * n_layers))
-    im = ax.imshow(w.numpy(), aspect="auto", cmap="viridis", norm=LogNorm(vmin=1, vmax=max(int(w.max()), 2)))
-    for i in range(n_layers):
-        for j in range(n_heads):
-            v = int(w[i, j])
-            colour = "w" if v < w.max() ** 0.5 else "k"
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color=colour)
-    ax.set(xlabel="KV head", ylabel="layer", title=title or alloc.name, xticks=range(n_heads))
-    fig.colorbar(im, ax=ax, label="window (tokens)")
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-
-
 def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: int) -> Path:
-    path = heatmap_png(
+    from alloc.plots import window_heatmap
+
+    path = window_heatmap(
         alloc, Path(root) / "heatmap.png", f"{alloc.name} step {step}: Eff.Ctx {alloc.eff_ctx():.2f}"
     )
     for logger in loggers:

@@ -216,7 +216,7 @@ def test_cosine_lr_decays_from_lr_to_its_end_fraction():
 
 def test_every_key_of_the_shipped_config_is_a_train_option():
     values = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())
-    assert set(values) == set(TrainConfig().to_dict()) - {"budget"}
+    assert set(values) == set(TrainConfig().to_dict()) - {"budget", "encoding"}
     assert TrainConfig.from_dict({**values, "budget": 64}).seq_len == values["seq_len"]
 
 
@@ -486,7 +486,7 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
         "this run asks batch_size=2, objective=ce"
     )
     changed = dict(
-        model="other", corpus="pg19", budget=16, sink=2, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
+        model="other", corpus="pg19", encoding="latin-1", budget=16, sink=2, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
         lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear",
         objective="ce", n_blocks=7, val_blocks=2, dtype="bfloat16", precision="bf16-mixed", devices=2, seed=1,
     )
