@@ -486,7 +486,8 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
         "this run asks batch_size=2, objective=ce"
     )
     changed = dict(
-        model="other", corpus="pg19", encoding="latin-1", budget=16, sink=2, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
+        model="other", corpus="pg19", encoding="latin-1", budget=16,
+        sink=2, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
         lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear",
         objective="ce", n_blocks=7, val_blocks=2, dtype="bfloat16", precision="bf16-mixed", devices=2, seed=1,
     )
