@@ -179,7 +179,7 @@ def _stamp() -> dict[str, Any]:
 @command(EvaluateConfig)
 def evaluate(cfg: EvaluateConfig) -> None:
     """Score full attention and per-head allocations with the one evaluator, print a table, append JSON lines."""
-    from alloc.evaluate import blocks_for
+    from alloc.evaluate import blocks_for, result_table
     from alloc.evaluate import evaluate as run_eval
     from alloc.results import append_row, measurement_key, model_identity, tokens_digest
 
@@ -199,17 +199,13 @@ def evaluate(cfg: EvaluateConfig) -> None:
         append_row(cfg.out, {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, **conditions,
                              "key": measurement_key(e.allocation, conditions), **e.source, **res.to_dict(),
                              **_stamp()})
-    typer.echo(f"{'allocation':28s} {'PPL':>8s} {'95% CI':>17s} {'acc':>7s} {'Eff.Ctx':>8s} {'real':>7s} {'KV':>6s}")
-    for r in results:
-        ci = "n/a (1 block)" if r.ppl_lo != r.ppl_lo else f"[{r.ppl_lo:.2f}, {r.ppl_hi:.2f}]"
-        typer.echo(f"{r.name:28s} {r.ppl:8.3f} {ci:>17s} {100 * r.acc:6.2f}% {r.eff_ctx:8.2f} "
-                   f"{r.realized_ctx:7.1f} {100 * r.kv_bytes / r.kv_bytes_full:5.1f}%")
+    typer.echo("\n".join(result_table(results)))
     typer.echo(f"appended {len(results)} row(s) to {cfg.out}")
 
 
 def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[Any]) -> None:
     """``evaluate --mode streaming``: the stream through each allocation's real cache, one row each."""
-    from alloc.streaming import run_streams
+    from alloc.streaming import run_streams, stream_table
     from models.corpus import long_stream
     from models.loading import model_shape
 
@@ -229,12 +225,7 @@ def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[An
     results, skipped = run_streams(lm, entries, stream, cfg.out, settings, progress)
     for label in skipped:
         typer.echo(f"{label}: already measured in {cfg.out}, skipped (use another --out to rerun)", err=True)
-    typer.echo(f"{'allocation':28s} {'reindex':>7s} {'PPL':>8s} {'acc':>7s} {'KV held':>10s} "
-               f"{'predicted':>10s} {'full':>10s}  PPL per {cfg.segment}-token segment")
-    for r in results:
-        segs = " ".join(f"{p:.1f}" for p in r.segment_ppl)
-        typer.echo(f"{r.name:28s} {str(r.reindex):>7s} {r.ppl:8.3f} {100 * r.acc:6.2f}% {r.kv_bytes:10d} "
-                   f"{r.kv_bytes_predicted:10d} {r.kv_bytes_full:10d}  {segs}")
+    typer.echo("\n".join(stream_table(results, cfg.segment)))
     typer.echo(f"appended {len(results)} row(s) to {cfg.out}")
 
 
@@ -408,7 +399,7 @@ def generate(cfg: GenerateConfig) -> None:
 @command(PasskeyConfig)
 def passkey(cfg: PasskeyConfig) -> None:
     """Passkey retrieval through each allocation's real cache: accuracy per depth x length, heatmaps."""
-    from alloc.passkey import build_tasks, run_passkey_file
+    from alloc.passkey import build_tasks, passkey_table, run_passkey_file
     from alloc.plots import passkey_heatmaps
     from models.corpus import long_stream
 
@@ -431,15 +422,7 @@ def passkey(cfg: PasskeyConfig) -> None:
     rows = run_passkey_file(lm, tok, entries, tasks, cfg.out, settings, batch=cfg.batch, progress=progress)
     if bars:
         bars.pop().__exit__(None, None, None)
-    typer.echo(f"{'allocation':28s} " + " ".join(f"{n:>7d}" for n in cfg.length) + f" {'all':>7s}")
-    for e in entries:
-        mine = [r for r in rows if r["allocation"] == e.label]
-        cols = []
-        for n in [*cfg.length, None]:
-            sel = [r for r in mine if n is None or r["length"] == n]
-            ok, tot = sum(r["correct"] for r in sel), sum(r["trials"] for r in sel)
-            cols.append(f"{100 * ok / tot:6.1f}%" if tot else f"{'-':>7s}")
-        typer.echo(f"{e.label:28s} " + " ".join(cols))
+    typer.echo("\n".join(passkey_table(rows, [e.label for e in entries], cfg.length)))
     for path in passkey_heatmaps(rows, cfg.plots):
         typer.echo(f"wrote {path}")
 

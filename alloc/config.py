@@ -130,6 +130,19 @@ class ExportConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    allocation: str = opt("", "Allocation JSON file to quantize.", arg=True)
+    classes: int = opt(2, "Distinct (sink, window) classes to keep (serving engines run a few window groups).", lo=1, hi=4)
+    out: str = opt("", "Allocation JSON to write (required).", flag="-o")
+
+    def check(self) -> None:
+        if not self.allocation:
+            raise ConfigError("give the allocation: headkv quantize ALLOCATION --classes K -o FILE")
+        if not self.out:
+            raise ConfigError("--out FILE is required")
+
+
+@dataclass
 class GenerateConfig:
     model: str = opt("smollm2-135m", MODEL)
     allocation: Optional[str] = opt(None, "Allocation JSON file (fixed, learned or quantized).")

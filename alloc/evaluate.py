@@ -133,3 +133,14 @@ def blocks_for(
     else:
         n_blocks = tokens // seq_len
     return token_blocks(tokenizer, corpus, split=split, seq_len=seq_len, n_blocks=n_blocks, encoding=encoding)
+
+
+def result_table(results: list[EvalResult]) -> list[str]:
+    """The evaluator's results as printed lines."""
+    lines = [f"{'allocation':28s} {'PPL':>8s} {'95% CI':>17s} {'acc':>7s} {'Eff.Ctx':>8s} "
+             f"{'real':>7s} {'KV':>6s}"]
+    for r in results:
+        ci = "n/a (1 block)" if math.isnan(r.ppl_lo) else f"[{r.ppl_lo:.2f}, {r.ppl_hi:.2f}]"
+        lines.append(f"{r.name:28s} {r.ppl:8.3f} {ci:>17s} {100 * r.acc:6.2f}% {r.eff_ctx:8.2f} "
+                     f"{r.realized_ctx:7.1f} {100 * r.kv_bytes / r.kv_bytes_full:5.1f}%")
+    return lines

@@ -245,3 +245,17 @@ def run_passkey_file(
         run_passkey(model, tokenizer, e.allocation, tasks, batch=batch, skip=set(tasks) - todo, on_row=save)
         rows.extend({**latest[k], "allocation": e.label} for k in keys.values() if k in latest)
     return rows
+
+
+def passkey_table(rows: list[dict[str, Any]], labels: list[str], lengths: list[int]) -> list[str]:
+    """Exact-match accuracy per allocation and prompt length (and over all), as printed lines."""
+    lines = [f"{'allocation':28s} " + " ".join(f"{n:>7d}" for n in lengths) + f" {'all':>7s}"]
+    for label in labels:
+        mine = [r for r in rows if r["allocation"] == label]
+        cols = []
+        for n in [*lengths, None]:
+            sel = [r for r in mine if n is None or r["length"] == n]
+            ok, tot = sum(r["correct"] for r in sel), sum(r["trials"] for r in sel)
+            cols.append(f"{100 * ok / tot:6.1f}%" if tot else f"{'-':>7s}")
+        lines.append(f"{label:28s} " + " ".join(cols))
+    return lines

@@ -138,3 +138,14 @@ def run_streams(
         append_row(out, {**settings, **conditions, "key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          **e.source, **res.to_dict(), "versions": versions()})
     return results, skipped
+
+
+def stream_table(results: list[StreamResult], segment: int) -> list[str]:
+    """Streaming results as printed lines: PPL, bytes held vs predicted vs full, PPL per segment."""
+    lines = [f"{'allocation':28s} {'reindex':>7s} {'PPL':>8s} {'acc':>7s} {'KV held':>10s} "
+             f"{'predicted':>10s} {'full':>10s}  PPL per {segment}-token segment"]
+    for r in results:
+        segs = " ".join(f"{p:.1f}" for p in r.segment_ppl)
+        lines.append(f"{r.name:28s} {str(r.reindex):>7s} {r.ppl:8.3f} {100 * r.acc:6.2f}% {r.kv_bytes:10d} "
+                     f"{r.kv_bytes_predicted:10d} {r.kv_bytes_full:10d}  {segs}")
+    return lines

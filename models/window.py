@@ -8,6 +8,8 @@ this module, so there is exactly one place that says which keys a head sees and 
 - ``allowed`` / ``hard_bias``: which keys a query sees (the masked evaluator);
 - ``keep`` / ``slot`` / ``kept_tokens``: which keys a cache still holds after T tokens, where each one
   lives (sinks first, then a ring of ``window`` slots) and how many there are (the evicting cache);
+- ``positions``: the positions of a padded batch (each sequence counts its own real tokens; padding is -1,
+  so it never occupies a head's sink or window); ``allowed`` and ``keep`` also take such batched positions;
 - ``kv_bytes``: the bytes those keys and values take;
 - ``soft_bias``: the differentiable relaxation (the learnable gates).
 
@@ -29,21 +31,29 @@ def allowed(
     """Boolean mask of the keys each head may attend to.
 
     q_pos: (Q,) absolute query positions; k_pos: (K,) or (H, K) absolute key positions, where a
-    negative position marks an empty cache slot; sink, window: (H,) integer tensors.
+    negative position marks an empty cache slot (or padding); sink, window: (H,) integer tensors.
     Returns (H, Q, K).
+
+    Batched (each sequence of a padded batch has its own positions, see :func:`positions`): q_pos (B, Q)
+    and k_pos (B, K) or (B, H, K); returns (B, H, Q, K). A negative query position (padding) sees nothing.
     """
-    q = q_pos.view(1, -1, 1)  # (1, Q, 1)
-    k = k_pos.view(1, 1, -1) if k_pos.dim() == 1 else k_pos.unsqueeze(1)  # (1|H, 1, K)
+    if q_pos.dim() == 2:  # batched: (B, Q) queries, (B, K) or (B, H, K) keys
+        q = q_pos.unsqueeze(1).unsqueeze(-1)  # (B, 1, Q, 1)
+        k = k_pos.unsqueeze(1) if k_pos.dim() == 2 else k_pos  # (B, 1|H, K)
+    else:
+        q = q_pos.view(1, -1, 1)  # (1, Q, 1)
+        k = k_pos.view(1, -1) if k_pos.dim() == 1 else k_pos  # (1|H, K)
+    k = k.unsqueeze(-2)  # (..., 1|H, 1, K)
     s = sink.view(-1, 1, 1)
     w = window.view(-1, 1, 1)
     causal = (k >= 0) & (k <= q)
-    return causal & ((k < s) | (k > q - w))  # (H, Q, K)
+    return causal & ((k < s) | (k > q - w))  # (H, Q, K) or (B, H, Q, K)
 
 
 def hard_bias(
     q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Additive bias (H, Q, K): 0 where ``allowed``, -inf elsewhere."""
+    """Additive bias (H, Q, K), or (B, H, Q, K) for batched positions: 0 where ``allowed``, -inf elsewhere."""
     mask = allowed(q_pos, k_pos, sink, window)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
@@ -65,17 +75,36 @@ def soft_bias(
     return gate.masked_fill(~causal, float("-inf"))
 
 
-def keep(p: torch.Tensor, seen: int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def keep(
+    p: torch.Tensor, seen: int | torch.Tensor, sink: torch.Tensor, window: torch.Tensor
+) -> torch.Tensor:
     """Which absolute positions ``p`` (P,) each head (H,) still holds once ``seen`` tokens were written:
-    exactly the keys ``allowed`` gives the next query (position ``seen``). Returns (H, P)."""
-    p = p.view(1, -1)
-    return (p < sink.view(-1, 1)) | (p > seen - 1 - window.view(-1, 1))
+    exactly the keys ``allowed`` gives the next query (position ``seen``). Returns (H, P). A negative
+    position (padding) is never held.
+
+    Batched: ``p`` (B, P) and ``seen`` (B,) (each sequence's own count); returns (B, H, P)."""
+    if p.dim() == 2:  # batched
+        p, seen = p.unsqueeze(1), torch.as_tensor(seen, device=p.device).view(-1, 1, 1)  # (B, 1, P), (B, 1, 1)
+    else:
+        p = p.view(1, -1)
+    return (p >= 0) & ((p < sink.view(-1, 1)) | (p > seen - 1 - window.view(-1, 1)))
 
 
 def slot(p: torch.Tensor | int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Where a held key of absolute position ``p`` lives in its head's storage: the sinks at 0..sink-1, then
-    a ring of ``window`` slots (position p overwrites p - window, which no later query may see)."""
+    a ring of ``window`` slots (position p overwrites p - window, which no later query may see).
+    Elementwise: ``p`` broadcasts against ``sink`` and ``window`` (e.g. p (B, 1) of a padded batch's
+    sequences against (H,) heads gives (B, H))."""
     return torch.where(sink > p, p, sink + (p - sink) % window)
+
+
+def positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Positions (B, T) of a padded batch's tokens: a real token's position is its index among its own
+    sequence's real tokens, counted from ``start`` (B,) tokens already seen -- what transformers' ``generate``
+    derives ``position_ids`` from the attention mask -- and padding (``real`` False) is -1, so it is never
+    held (:func:`keep`) nor seen (:func:`allowed`). ``real``: (B, T) bool, the attention mask."""
+    start = torch.as_tensor(start, device=real.device).view(-1, 1)
+    return torch.where(real, start + real.long().cumsum(-1) - 1, -1)
 
 
 def kept_tokens(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
