@@ -101,15 +101,19 @@ def command(cls: type, *, config_arg: bool = False, extra: Callable[..., Any] | 
             default = (typer.Argument(None, help=meta.get("help", ""), show_default=False) if meta.get("arg") else
                        typer.Option(None, *names, help=meta.get("help", "") + shown, show_default=False))
             params.append(inspect.Parameter(f.name, kw_only, default=default, annotation=Optional[tp]))
-        cfg_default = (typer.Argument(None, help="YAML config.", show_default=False) if config_arg
-                       else typer.Option(None, "--config", help="YAML file with any of these options; flags override it."))
-        params.append(inspect.Parameter("config", kw_only, default=cfg_default, annotation=Optional[str]))
+        cfg_help = "YAML file with any of these options; flags override it."
+        if config_arg:  # `headkv sweep CONFIG` (or --config CONFIG)
+            params.append(inspect.Parameter("config_file", kw_only, annotation=Optional[str],
+                                            default=typer.Argument(None, help=cfg_help, show_default=False)))
+        params.append(inspect.Parameter("config", kw_only, default=typer.Option(None, "--config", help=cfg_help),
+                                        annotation=Optional[str]))
         extras = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # extra(cls, config, given, run, **options)
                   for p in list(inspect.signature(extra).parameters.values())[4:]] if extra else []
 
         def cmd(**kw: Any) -> None:
             more = {p.name: kw.pop(p.name) for p in extras}
-            config = kw.pop("config")
+            config = kw.pop("config") or kw.pop("config_file", None)
+            kw.pop("config_file", None)
             run(load(cls, config, kw), **more) if not extra else extra(cls, config, kw, run, **more)
 
         params += extras

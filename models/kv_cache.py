@@ -59,11 +59,14 @@ class HeadLayer(CacheLayerMixin):
     def __init__(self, sink: torch.Tensor, window: torch.Tensor) -> None:
         super().__init__()
         self.sink, self.window = sink.long(), window.long()  # (Hkv,)
-        self.seen = 0
+        self.seen = 0  # columns seen, padding included (what ``generate`` slices its inputs by)
+        self.filled = 0  # most real tokens one sequence has seen; the layout holds kept_tokens(filled) slots
+        self.count: torch.Tensor | None = None  # (B,) real tokens of each sequence, once positions diverge
+        self.counts: list[int] | None = None  # the same, on the host
         self.lengths: list[int] = [0] * len(self.sink)
         self.offsets = torch.zeros(len(self.sink), dtype=torch.long)
-        self.pos: torch.Tensor | None = None  # (S,) absolute position of every stored slot
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_pos, k_pos) of a multi-token update
+        self.pos: torch.Tensor | None = None  # position of every slot: (S,) shared, or (B, S); -1 = empty
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_pos, k_pos) of a general update
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # padded index (Hkv, Kmax) and validity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -81,9 +84,26 @@ class HeadLayer(CacheLayerMixin):
         self.is_initialized = True
 
     # ---- layout ----------------------------------------------------------------------------------
-    def _grow(self, new_seen: int) -> None:
-        """Reallocate so that every head can hold min(new_seen, sink + window) tokens."""
-        new = win.kept_tokens(new_seen, self.sink, self.window).tolist()
+    @property
+    def holes(self) -> bool:
+        """True when a shorter sequence of a padded batch leaves slots of the layout empty: every head holds
+        kept_tokens(filled) slots, a sequence of n real tokens fills kept_tokens(n) of them, and the two differ
+        for some head exactly when n < the layer's longest head."""
+        return self.counts is not None and min(self.counts) < max(self.lengths)
+
+    def _diverge(self, batch: int) -> None:
+        """From now on every sequence has its own positions (its first padding token arrived)."""
+        self.count = torch.full((batch,), self.seen, dtype=torch.long, device=self.device)
+        self.counts = [self.seen] * batch
+        self.pos = self.pos.expand(batch, -1).clone()  # (B, S)
+
+    def _set_counts(self, count: torch.Tensor, counts: list[int]) -> None:
+        self.count, self.counts = count, counts
+        self.filled = max(self.filled, *counts)
+
+    def _grow(self) -> None:
+        """Reallocate so that every head can hold min(filled, sink + window) tokens (only ever grows)."""
+        new = win.kept_tokens(self.filled, self.sink, self.window).tolist()
         if new == self.lengths:
             return
         old_len = torch.tensor(self.lengths, device=self.device)
@@ -92,30 +112,49 @@ class HeadLayer(CacheLayerMixin):
         head_of = torch.repeat_interleave(torch.arange(len(new), device=self.device), old_len)  # (S_old,)
         dst = new_off[head_of] + torch.arange(head_of.numel(), device=self.device) - self.offsets[head_of]
         b, _, d = self.keys.shape
-        keys = self.keys.new_empty(b, sum(new), d)
-        values = self.values.new_empty(b, sum(new), self.values.shape[-1])
-        pos = torch.full((sum(new),), -1, dtype=torch.long, device=self.device)
-        keys[:, dst], values[:, dst], pos[dst] = self.keys, self.values, self.pos
+        # a shorter sequence leaves slots empty: zeros, never uninitialized memory (masked, but 0 * nan = nan)
+        make = self.keys.new_empty if self.count is None else self.keys.new_zeros
+        keys = make(b, sum(new), d)
+        values = make(b, sum(new), self.values.shape[-1])
+        pos = torch.full((*self.pos.shape[:-1], sum(new)), -1, dtype=torch.long, device=self.device)
+        keys[:, dst], values[:, dst], pos[..., dst] = self.keys, self.values, self.pos
         self.keys, self.values, self.pos = keys, values, pos
         self.lengths, self.offsets, self._gather = new, new_off, None
 
     def _write(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, p: torch.Tensor, new_seen: int
+        self, key_states: torch.Tensor, value_states: torch.Tensor, p: torch.Tensor, seen: int | torch.Tensor
     ) -> None:
-        """Store the new tokens that survive this step (sinks, and each head's last ``window``)."""
-        keep = win.keep(p, new_seen, self.sink, self.window)  # (Hkv, Q)
-        heads, idx = keep.nonzero(as_tuple=True)  # (n,), (n,)
-        dst = self.offsets[heads] + win.slot(p[idx], self.sink[heads], self.window[heads])
-        self.keys[:, dst] = key_states[:, heads, idx]
-        self.values[:, dst] = value_states[:, heads, idx]
-        self.pos[dst] = p[idx]
+        """Store the new tokens that survive this step (sinks, and each head's last ``window``): positions
+        ``p`` (Q,) shared by the batch after ``seen`` tokens, or (B, Q) per sequence (-1: padding, never
+        stored) after ``seen`` (B,) real tokens."""
+        keep = win.keep(p, seen, self.sink, self.window)  # (Hkv, Q) or (B, Hkv, Q)
+        if p.dim() == 1:
+            heads, idx = keep.nonzero(as_tuple=True)  # (n,), (n,)
+            dst = self.offsets[heads] + win.slot(p[idx], self.sink[heads], self.window[heads])
+            self.keys[:, dst] = key_states[:, heads, idx]
+            self.values[:, dst] = value_states[:, heads, idx]
+            self.pos[dst] = p[idx]
+            return
+        rows, heads, idx = keep.nonzero(as_tuple=True)  # (n,) each
+        q = p[rows, idx]
+        dst = self.offsets[heads] + win.slot(q, self.sink[heads], self.window[heads])
+        self.keys[rows, dst] = key_states[rows, heads, idx]
+        self.values[rows, dst] = value_states[rows, heads, idx]
+        self.pos[rows, dst] = q
 
-    def _write_one(self, key_states: torch.Tensor, value_states: torch.Tensor, t: int) -> None:
-        """One new token (position t): every head keeps it, in its slot; no data-dependent selection."""
-        dst = self.offsets + win.slot(t, self.sink, self.window)  # (Hkv,)
-        self.keys.index_copy_(1, dst, key_states[:, :, 0])
-        self.values.index_copy_(1, dst, value_states[:, :, 0])
-        self.pos.index_fill_(0, dst, t)
+    def _write_one(self, key_states: torch.Tensor, value_states: torch.Tensor, t: int | torch.Tensor) -> None:
+        """One new token per sequence (position t, or t (B,) per sequence): every head keeps it, in its slot;
+        no data-dependent selection."""
+        if isinstance(t, int):
+            dst = self.offsets + win.slot(t, self.sink, self.window)  # (Hkv,)
+            self.keys.index_copy_(1, dst, key_states[:, :, 0])
+            self.values.index_copy_(1, dst, value_states[:, :, 0])
+            self.pos.index_fill_(0, dst, t)
+            return
+        dst = self.offsets + win.slot(t.view(-1, 1), self.sink, self.window)  # (B, Hkv)
+        self.keys.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1]), key_states[:, :, 0])
+        self.values.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, self.values.shape[-1]), value_states[:, :, 0])
+        self.pos.scatter_(1, dst, t.view(-1, 1).expand_as(dst))
 
     def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather index (Hkv, Kmax) of a ragged layer's padded view, and which entries are real."""
@@ -137,54 +176,90 @@ class HeadLayer(CacheLayerMixin):
         return self.keys[:, flat].view(b, n_heads, kmax, d), self.values[:, flat].view(b, n_heads, kmax, -1)
 
     def padded_pos(self) -> torch.Tensor:
-        """Absolute positions (Hkv, Kmax) of the padded view; -1 marks padding."""
+        """Positions of the padded view: (Hkv, Kmax) shared by the batch, or (B, Hkv, Kmax) once the batch's
+        positions diverged (padding); -1 marks an empty slot."""
         n_heads, kmax = len(self.lengths), max(self.lengths)
         if min(self.lengths) == kmax:
-            return self.pos.view(n_heads, kmax)
+            return self.pos.view(*self.pos.shape[:-1], n_heads, kmax)
         index, valid = self._index()
-        return torch.where(valid, self.pos[index], -1)
+        return torch.where(valid, self.pos[..., index], -1)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Held keys, values (B, Hkv, Kmax, D) and positions (Hkv, Kmax); -1 marks padding."""
+        """Held keys, values (B, Hkv, Kmax, D) and positions ((B,) Hkv, Kmax); -1 marks an empty slot."""
         return (*self.padded_kv(), self.padded_pos())
 
     def decode_bias(self) -> torch.Tensor | None:
-        """Bias (Hkv, 1, Kmax) for a single query after its own write: every held key is visible to it (the
-        cache holds exactly what ``allowed`` gives), so only padding is masked; None when there is none."""
+        """Bias ((B,) Hkv, 1, K) for a single query after its own write: every held key is visible to it (the
+        cache holds exactly what ``allowed`` gives), so only empty slots are masked (a ragged layer's padding,
+        a shorter sequence's slots); None when there are none. A single query that took the general path
+        (the first token, or one with padding in its column) gets the mask of its positions."""
+        if self.last is not None:
+            return win.hard_bias(*self.last, self.sink, self.window, torch.float32)
+        if self.holes:
+            empty = self.padded_pos() < 0  # (B, Hkv, Kmax)
+            return torch.zeros(empty.shape, device=self.device).masked_fill_(empty, float("-inf")).unsqueeze(2)
         if min(self.lengths) == max(self.lengths):
             return None
         valid = self._index()[1]
         return torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
     # ---- transformers' layer API ---------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Add this step's keys and values; return what the step's queries attend over."""
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, real: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Add this step's keys and values; return what the step's queries attend over. ``real`` (B, Q):
+        which of the new tokens are real (None: all of them); padding is never stored."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q_len, start = key_states.shape[2], self.seen
+        if real is not None and self.count is None:
+            self._diverge(key_states.shape[0])
         self.seen = start + q_len
-        if q_len == 1 and start > 0:  # one query: what survives is exactly what it may see
-            self._grow(self.seen)
-            self._write_one(key_states, value_states, start)
+        if q_len == 1 and start > 0 and real is None:  # one query: what survives is exactly what it may see
+            if self.count is None:
+                self.filled = self.seen
+                t = start
+            else:
+                t = self.count
+                self._set_counts(t + 1, [c + 1 for c in self.counts])
+            self._grow()
+            self._write_one(key_states, value_states, t)
             self.last = None  # positions built only if asked for (the fast decode path needs none)
             return self.padded_kv()
         # several queries may need keys this step evicts: attend over held + new, then evict
-        p = torch.arange(start, self.seen, device=self.device)  # (Q,)
         n_heads = len(self.lengths)
+        if self.count is None:  # the batch shares its positions
+            p = torch.arange(start, self.seen, device=self.device)  # (Q,)
+            new_pos = p.expand(n_heads, -1)  # (Hkv, Q)
+        else:  # each sequence counts its own real tokens
+            if real is None:
+                real = torch.ones(key_states.shape[0], q_len, dtype=torch.bool, device=self.device)
+            real = real.to(self.device)
+            p = win.positions(real, self.count)  # (B, Q), -1 at padding
+            new_pos = p.unsqueeze(1).expand(-1, n_heads, -1)  # (B, Hkv, Q)
         if start:
             k0, v0, pos0 = self.padded()
         else:
-            k0, v0, pos0 = key_states[:, :, :0], value_states[:, :, :0], p.new_empty(n_heads, 0)
+            k0, v0, pos0 = key_states[:, :, :0], value_states[:, :, :0], new_pos[..., :0]
         keys, values = torch.cat([k0, key_states], 2), torch.cat([v0, value_states], 2)
-        self.last = (p, torch.cat([pos0, p.expand(n_heads, -1)], 1))
-        self._grow(self.seen)
-        self._write(key_states, value_states, p, self.seen)
+        self.last = (p, torch.cat([pos0, new_pos], -1))
+        if self.count is None:
+            self.filled, seen = self.seen, self.seen
+        else:
+            seen = self.count + real.sum(1)
+            self._set_counts(seen, seen.tolist())
+        self._grow()
+        self._write(key_states, value_states, p, seen)
         return keys, values
 
     def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_pos (Q,), k_pos (Hkv, K)) of the last update."""
+        """(q_pos, k_pos) of the last update: (Q,) and (Hkv, K) shared by the batch, or (B, Q) and
+        (B, Hkv, K) per sequence once its positions diverged."""
         if self.last is None:
-            return torch.tensor([self.seen - 1], device=self.device), self.padded_pos()
+            if self.count is None:
+                return torch.tensor([self.seen - 1], device=self.device), self.padded_pos()
+            return (self.count - 1).view(-1, 1), self.padded_pos()
         return self.last
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -192,7 +267,8 @@ class HeadLayer(CacheLayerMixin):
         return max(self.lengths) + query_length, 0
 
     def get_seq_length(self) -> int:
-        """Tokens seen (absolute), so ``generate`` and the models assign absolute position ids."""
+        """Columns seen, padding included, so ``generate`` slices its inputs and (without a padding mask)
+        assigns absolute position ids as it does for any cache."""
         return self.seen
 
     def get_max_length(self) -> int:
@@ -206,9 +282,28 @@ class HeadLayer(CacheLayerMixin):
             "evicted tokens cannot be restored: the per-head cache does not support crop"
         )
 
+    def _select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (B',): keys, values and, once diverged, positions and counts."""
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+        if self.count is not None:
+            self.pos = self.pos.index_select(0, index)
+            self.count = self.count.index_select(0, index)
+            self.counts = [self.counts[i] for i in index.tolist()]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.keys = self.keys.index_select(0, beam_idx.to(self.device))
-        self.values = self.values.index_select(0, beam_idx.to(self.device))
+        """Beam search: row i becomes row ``beam_idx[i]`` (its keys, values, positions and count)."""
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
 class PerHeadCache(Cache):
@@ -220,18 +315,43 @@ class PerHeadCache(Cache):
         """``sink``, ``window``: long tensors (layers, KV heads); made by ``alloc.allocation.applied``."""
         super().__init__(layers=[HeadLayer(sink[i].cpu(), window[i].cpu()) for i in range(sink.shape[0])])
         self.reindex = reindex
+        self._step: tuple[int, int, torch.Tensor | None] | None = None  # (seen, Q, real) of the next forward
+
+    def note_padding(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
+        """Called once per forward, by the attention mask hook, with the forward's 2-D padding mask
+        (B, seen + Q), transformers' convention (its last Q columns describe the new tokens; a (B, Q) mask of
+        the new tokens alone is read the same way). Padding among the new tokens gets no position and no slot."""
+        real = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[-1] < q_len:
+                raise ValueError(
+                    f"the per-head evicting cache needs a 2-D attention mask (batch, tokens seen + {q_len} new); "
+                    f"got shape {tuple(attention_mask.shape)}"
+                )
+            new = attention_mask[:, -q_len:].bool()
+            if not bool(new.all()):
+                real = new
+        self._step = (self.get_seq_length(), q_len, real)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and not is_active_source(self):
             raise RuntimeError(
                 "PerHeadCache must be used inside applied(model, allocation, evict=True)"
             )
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        real, step = None, self._step
+        if step is not None and step[:2] == (self.layers[layer_idx].seen, key_states.shape[2]):
+            real = step[2]  # this forward's padding (a stale note, of an earlier forward, never matches)
+        if real is not None and real.shape[0] != key_states.shape[0]:
+            raise ValueError(
+                f"the attention mask has {real.shape[0]} rows, the batch {key_states.shape[0]} sequences"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, real=real, **kwargs)
 
     def positions(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Absolute positions of this step's queries (Q,) and of the keys just returned (Hkv, K)."""
+        """Positions of this step's queries and of the keys just returned: (Q,) and (Hkv, K) shared by the
+        batch, or (B, Q) and (B, Hkv, K) per sequence (a padded batch)."""
         q_pos, k_pos = self.layers[layer].positions()
-        if q_pos.numel() != q_len or k_pos.shape[-1] != k_len:
+        if q_pos.shape[-1] != q_len or k_pos.shape[-1] != k_len:
             raise RuntimeError(
                 f"layer {layer}: attention got {q_len} queries x {k_len} keys, not what the cache returned"
             )
@@ -239,13 +359,23 @@ class PerHeadCache(Cache):
 
     def decode_bias(self, layer: int, k_len: int) -> torch.Tensor | None:
         """Fast path for one query per step (see :meth:`HeadLayer.decode_bias`)."""
-        if k_len != max(self.layers[layer].lengths):
+        held = self.layers[layer]
+        if k_len != (held.last[1].shape[-1] if held.last is not None else max(held.lengths)):
             raise RuntimeError(f"layer {layer}: attention got {k_len} keys, not what the cache returned")
-        return self.layers[layer].decode_bias()
+        return held.decode_bias()
 
     # ---- measures ---------------------------------------------------------------------------------
     def bytes_held(self) -> int:
-        """Bytes of the K and V tensors this cache holds right now (all layers)."""
+        """Bytes of the K and V entries this cache holds right now (all layers, all sequences): live entries
+        only. In a padded batch each sequence holds its own ``Allocation.kv_bytes(T_b)`` (T_b its real tokens),
+        while the rectangular storage is laid out for the longest: the slots a shorter sequence has not filled
+        yet are allocated but hold nothing, and are counted by :meth:`bytes_allocated`, not here. Without
+        padding, or once every sequence holds its sink + window, the two agree."""
+        return sum(_held_kv_bytes(layer) for layer in self.layers if layer.is_initialized)
+
+    def bytes_allocated(self) -> int:
+        """Bytes of the K and V tensors allocated right now (all layers): :meth:`bytes_held` plus the empty
+        slots of a padded batch's shorter sequences."""
         return sum(
             _nbytes(layer.keys) + _nbytes(layer.values) for layer in self.layers if layer.is_initialized
         )
@@ -264,8 +394,14 @@ class PerHeadCache(Cache):
         return max((_padded_kv_bytes(layer) for layer in ragged), default=0)
 
     def kept_tokens(self) -> int:
-        """Key/value slots held over all (layer, KV head)."""
+        """Key/value slots over all (layer, KV head) of one sequence's storage."""
         return sum(sum(layer.lengths) for layer in self.layers)
+
+
+def _held_kv_bytes(layer: HeadLayer) -> int:
+    b, s, d = layer.keys.shape
+    entries = b * s if layer.count is None else int((layer.pos >= 0).sum())  # shared positions: no empty slot
+    return entries * (d + layer.values.shape[-1]) * layer.keys.element_size()
 
 
 def _padded_kv_bytes(layer: HeadLayer) -> int:

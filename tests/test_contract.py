@@ -187,6 +187,7 @@ CASES = [
     # ---- sweep ---------------------------------------------------------------------------------------------
     ("sweep", "give the sweep's YAML config"),
     ("sweep {d}/missing.yaml", "cannot read config"),
+    ("sweep --config {d}/missing.yaml", "cannot read config"),
     ("sweep {f:grid_not_map} --model {m}", "'grid' must be dict"),
     ("sweep {f:grid_missing} --model {m} --corpus {t}", "gives no values for W"),
     ("sweep {f:grid_unknown} --model {m} --corpus {t} --seq-len 64", "unknown policy"),
