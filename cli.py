@@ -9,6 +9,7 @@
 | plot     | alloc.plots.plot_all, alloc.plots.passkey_heatmaps | PNG figures                                  |
 | train    | alloc.train.fit                                   | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
+| quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
 | generate | alloc.passkey.greedy_with_cache                   | continuation + KV bytes held, on stdout       |
 | passkey  | alloc.passkey.run_passkey_file                    | JSON lines (resumable) + heatmaps             |
 
@@ -37,6 +38,7 @@ from alloc.config import (
     GenerateConfig,
     PasskeyConfig,
     PlotConfig,
+    QuantizeConfig,
     SweepConfig,
     TrainConfig,
     check_device,
@@ -370,6 +372,21 @@ def export(cfg: ExportConfig) -> None:
     _, w = alloc.tensors()
     typer.echo(f"{alloc.name}: Eff.Ctx {alloc.eff_ctx():.3f}, windows min {int(w.min())} "
                f"median {int(w.median())} max {int(w.max())}; wrote {cfg.out}")
+
+
+@command(QuantizeConfig)
+def quantize(cfg: QuantizeConfig) -> None:
+    """Round a per-head allocation to at most K (sink, window) classes under the same budget, with the head
+    permutation per layer that makes each class contiguous (a form per-layer/per-group engines can load)."""
+    from alloc.allocation import Allocation
+    from alloc.quantize import quantize as to_classes
+
+    check_output(cfg.out)
+    alloc = Allocation.load(cfg.allocation)
+    q = to_classes(alloc, cfg.classes)
+    q.save(cfg.out)
+    typer.echo(f"{q.name}: {len(q.meta['classes'])} classes {q.meta['classes']}, Eff.Ctx {q.eff_ctx():.3f} "
+               f"(from {alloc.eff_ctx():.3f}); wrote {cfg.out}")
 
 
 @command(GenerateConfig)

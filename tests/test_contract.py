@@ -239,6 +239,16 @@ CASES = [
     ("export {f:ckpt_text} -o {f:empty_dir}", "is a folder"),
     ("export {f:ckpt_text} -o {d}/a.json --budget 0", "--budget must be between"),
     ("export {f:ckpt_text} -o {d}/a.json --budget nan", "finite"),
+    # ---- quantize ----
+    ("quantize", "give the allocation"),
+    ("quantize {f:alloc_json} -o {d}/q.json", "not valid JSON"),
+    ("quantize {f:alloc_negative} -o {d}/q.json", "negative value"),
+    ("quantize {d}/missing.json -o {d}/q.json", "cannot read allocation file"),
+    ("quantize {f:alloc_other_model}", "--out FILE is required"),
+    ("quantize {f:alloc_other_model} -o {d}/q.json --classes 0", "--classes must be between"),
+    ("quantize {f:alloc_other_model} -o {d}/q.json --classes 5", "--classes must be between"),
+    ("quantize {f:alloc_other_model} -o {d}/q.json --classes 3", "has only 2 heads"),
+    ("quantize {f:alloc_other_model} -o {f:empty_dir} --classes 1", "is a folder"),
     # ---- generate ------------------------------------------------------------------------------------------
     ("generate --model {m} --policy full", "--prompt is required"),
     ("generate --model {m} --policy full --prompt ''", "--prompt is required"),
@@ -299,7 +309,8 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(world, tmp_path,
 
 def test_the_table_covers_every_command_and_a_hundred_inputs():
     commands = {c.split()[0] for c, _ in CASES}
-    assert {"evaluate", "classify", "sweep", "plot", "train", "export", "generate", "passkey"} <= commands
+    assert {"evaluate", "classify", "sweep", "plot", "train", "export", "quantize", "generate",
+            "passkey"} <= commands
     assert len(CASES) >= 100
 
 
