@@ -3,6 +3,7 @@
     python bench/decode_speed.py                                  # offline default, T = 256 1024 4096, CPU
     python bench/decode_speed.py --random-init pythia-2.8b --dtype bfloat16 --device cuda \
         --at 1024 --at 8192 --at 32768
+    python bench/decode_speed.py --vs-sliding 128 --at 256 --at 4096   # + transformers' sliding-window cache
 
 For every context length T: each allocation's cache is filled with the same T tokens (chunked prefill, which
 the tests show equals token-by-token), then ``--steps`` single-token decode steps are timed. The allocations
@@ -10,7 +11,10 @@ are timed round-robin, ``--repeats`` times, and the median is kept, so a load sp
 all of them alike. ``ratio`` is tokens/s over the full cache's (transformers' DynamicCache) at the same T;
 ``cpu_ratio`` the same on the process's CPU time (the steadier clock on a shared CPU with one thread).
 Same allocations as ``bench/kv_memory.py`` (full, ``--policy`` default B_streaming_128, ``--allocation``
-files, the built per-head one). Writes one JSON object (``--out``) and prints it.
+files, the built per-head one). ``--vs-sliding W`` adds transformers' own sliding-window cache at window W
+(``hf_sliding_W``: the same weights in a Mistral twin with ``sliding_window=W``, whose ``DynamicCache`` holds
+``DynamicSlidingWindowLayer``s) beside our cache at the equal uniform window (``A_window_W``, no sink);
+``vs_sliding`` is the ratio of the two. Writes one JSON object (``--out``) and prints it.
 """
 
 from __future__ import annotations
@@ -18,15 +22,35 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kv_memory import allocations, header, load, parse, prefill, write  # noqa: E402
 
-from alloc.allocation import applied  # noqa: E402
+from alloc.allocation import Allocation, applied  # noqa: E402
+from models.loading import model_shape  # noqa: E402
+
+
+class SlidingTwin:
+    """transformers' own sliding-window attention and cache at window W, same weights (a Mistral twin)."""
+
+    def __init__(self, model: torch.nn.Module, window: int) -> None:
+        from transformers import MistralConfig, MistralForCausalLM
+
+        d = {k: v for k, v in model.config.to_dict().items()
+             if k not in ("architectures", "model_type", "transformers_version", "sliding_window")}
+        twin = MistralForCausalLM(MistralConfig(**d, sliding_window=window))
+        self.model = twin.to(model.device, model.dtype)
+        self.model.load_state_dict(model.state_dict())
+        self.model.eval().config._attn_implementation = "sdpa"
+
+    def eff_ctx(self) -> float:
+        return float(self.model.config.sliding_window)
 
 
 def _sync(model: torch.nn.Module) -> None:
@@ -40,7 +64,11 @@ def decode_rate(model: torch.nn.Module, allocation, tokens: torch.Tensor, steps:
     of ``tokens`` went through the allocation's real cache. On a shared CPU the process's CPU time is the
     steadier clock; on a GPU only wall time counts."""
     nxt = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-    with applied(model, allocation, evict=True) as cache:
+    if isinstance(allocation, SlidingTwin):
+        model, door = allocation.model, nullcontext(DynamicCache(config=allocation.model.config))
+    else:
+        door = applied(model, allocation, evict=True)
+    with door as cache:
         prefill(model, cache, tokens)
         model(nxt, cache=cache, use_cache=True)  # warm-up step
         _sync(model)
@@ -66,13 +94,13 @@ def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int) -> li
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = {"--at": [], "--steps": 32, "--repeats": 3}
+    extra = {"--at": [], "--steps": 32, "--repeats": 3, "--vs-sliding": 0}
     rest = []
     it = iter(argv)
     for a in it:
         if a == "--at":
             extra["--at"].append(int(next(it)))
-        elif a in ("--steps", "--repeats"):
+        elif a in ("--steps", "--repeats", "--vs-sliding"):
             extra[a] = int(next(it))
         else:
             rest.append(a)
@@ -80,11 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(rest + ["--tokens", str(max(lengths))])
     model, tokens, tok = load(args)
     rows = allocations(args, model, tok)
+    if extra["--vs-sliding"]:
+        w, shape = extra["--vs-sliding"], model_shape(model)
+        uniform = Allocation.uniform(shape.shape, 0, w, model_id=shape.model_id, q_per_kv=shape.q_per_kv)
+        rows += [(f"A_window_{w}", uniform), (f"hf_sliding_{w}", SlidingTwin(model, w))]
     result = header(model, args, "decode_speed")
     result.update(steps=extra["--steps"], repeats=extra["--repeats"],
                   eff_ctx={label: (a.eff_ctx() if a is not None else None) for label, a in rows})
-    result["by_length"] = {str(t): at_length(model, rows, tokens[:t], extra["--steps"], extra["--repeats"])
-                           for t in lengths}
+    steps, repeats = extra["--steps"], extra["--repeats"]
+    result["by_length"] = {str(t): at_length(model, rows, tokens[:t], steps, repeats) for t in lengths}
+    if extra["--vs-sliding"]:
+        w = extra["--vs-sliding"]
+        for t, rs in result["by_length"].items():
+            ours, theirs = ({r["allocation"]: r for r in rs}[k] for k in (f"A_window_{w}", f"hf_sliding_{w}"))
+            result.setdefault("vs_sliding", {})[t] = {
+                "wall": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                "cpu": ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"]}
     write(result, args.out)
 
 
