@@ -391,30 +391,25 @@ def quantize(cfg: QuantizeConfig) -> None:
 
 @command(GenerateConfig)
 def generate(cfg: GenerateConfig) -> None:
-    """Greedy generation through the allocation's real per-head cache; prints the text and KV bytes held."""
-    from alloc.allocation import kv_bytes
-    from alloc.passkey import greedy_with_cache
-    from models.kv_cache import DeployError, kv_bytes_of
+    """Greedy generation through the allocation's real per-head cache: one --prompt (prints the text and the KV
+    bytes held) or a --prompts file in left-padded batches (one JSON row per prompt in --out)."""
+    from alloc.generate import encode, generate_rows, read_prompts, save_rows, summary
+    from models.kv_cache import DeployError
     from models.loading import model_shape
 
+    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
+    if cfg.out:
+        check_output(cfg.out)
     lm, tok = _load_model(cfg)
     e = _entries(lm, [cfg.policy] if cfg.policy else [], [cfg.allocation] if cfg.allocation else [], cfg.profile)[0]
-    ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if ids.numel() == 0:
-        raise DeployError("--prompt has no tokens")
-    shape = model_shape(lm)
     if cfg.reindex and e.allocation is None:
         raise DeployError("--reindex needs an allocation: full attention holds every token")
-    if ids.shape[1] + cfg.max_new_tokens > shape.max_positions and not cfg.reindex:
-        raise DeployError(f"prompt ({ids.shape[1]} tokens) + {cfg.max_new_tokens} new tokens exceeds the model's "
-                          f"{shape.max_positions} positions; shorten it or pass --reindex with an allocation")
-    new, cache = greedy_with_cache(lm, e.allocation, ids, cfg.max_new_tokens, reindex=cfg.reindex)
-    typer.echo(tok.decode(new[0], skip_special_tokens=True))
-    held, seen = kv_bytes_of(cache), cache.get_seq_length()
-    full, predicted = kv_bytes(None, shape, seen, lm.dtype), kv_bytes(e.allocation, shape, seen, lm.dtype)
-    typer.echo(f"[{e.label}] KV held after {seen} tokens: {held} bytes ({held / 2**20:.2f} MiB; allocation "
-               f"predicts {predicted}) vs full attention {full} bytes ({full / 2**20:.2f} MiB): "
-               f"{100 * held / full:.1f}%")
+    ids = encode(tok, prompts, None if cfg.reindex else model_shape(lm).max_positions, cfg.max_new_tokens)
+    with _bar("generate", len(ids)) as bar:
+        rows = generate_rows(lm, tok, e.allocation, ids, cfg.max_new_tokens, cfg.batch_size, cfg.reindex, bar.update)
+    if cfg.out:
+        return typer.echo(save_rows(cfg.out, prompts, rows, e.label, e.source))
+    typer.echo(rows[0]["text"] + "\n" + summary(rows[0], e.label))
 
 
 @command(PasskeyConfig)

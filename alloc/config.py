@@ -149,14 +149,21 @@ class GenerateConfig:
     policy: Optional[str] = opt(None, "Policy name, e.g. B_streaming_128, or full.")
     profile: Optional[str] = opt(None, PROFILE)
     prompt: Optional[str] = opt(None, "Text to continue.")
+    prompts: Optional[str] = opt(None, "JSON-lines file of prompts (one {\"prompt\": ...} object per line).")
+    batch_size: int = opt(1, "Prompts per batch (left-padded) with --prompts.", lo=1, hi=10**5)
+    out: Optional[str] = opt(None, "With --prompts: JSON-lines file, one row per prompt (text, tokens, KV bytes, tokens/s).")
     max_new_tokens: int = opt(48, "Tokens to generate greedily.", lo=1, hi=MAX_TOKENS)
     reindex: bool = opt(False, "StreamingLLM position re-indexing: lets prompts run past the model's context.")
     device: str = opt("cpu", DEVICE)
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
 
     def check(self) -> None:
-        if not self.prompt:
-            raise ConfigError("--prompt is required (a non-empty text)")
+        if (self.prompt is None) == (self.prompts is None):
+            raise ConfigError("give --prompt TEXT or --prompts FILE (exactly one)")
+        if self.prompt is not None and not self.prompt:
+            raise ConfigError("--prompt is empty")
+        if self.prompts is not None and not self.out:
+            raise ConfigError("--prompts needs --out FILE for the rows")
         if (self.policy is None) == (self.allocation is None):
             raise ConfigError("give exactly one of --allocation FILE or --policy NAME (full = full attention)")
 
