@@ -76,12 +76,14 @@ def generate_rows(
         ids, mask = left_pad(batch, pad)
         start = time.perf_counter()
         ids, mask = ids.to(model.device), mask.to(model.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # a real token's index among its sequence's: generate's
         with applied(model, allocation, evict=True, reindex=reindex) as cache:
-            for lo in range(0, ids.shape[1] - 1, prefill_chunk):
-                hi = min(lo + prefill_chunk, ids.shape[1] - 1)
-                model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache,
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            for a in range(0, ids.shape[1] - 1, prefill_chunk):
+                b = min(a + prefill_chunk, ids.shape[1] - 1)
+                model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], cache=cache,
+                      use_cache=True)
+            out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
         wall = time.perf_counter() - start
         new = out[:, ids.shape[1] :].tolist()
         lengths = [next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq)) for seq in new]
@@ -89,11 +91,11 @@ def generate_rows(
         for x, seq in zip(batch, new, strict=True):  # the last new token is never written to the cache
             predicted.append(kv_bytes(allocation, shape, len(x) + len(seq) - 1, model.dtype))
         held = kv_bytes_of(cache)
-        for x, seq, n, b in zip(batch, new, lengths, predicted, strict=True):
+        for x, seq, n, kv in zip(batch, new, lengths, predicted, strict=True):
             text = tokenizer.decode(seq[:n], skip_special_tokens=True)
             seen = len(x) + len(seq) - 1
             rows.append({"prompt_tokens": len(x), "tokens": n, "text": text, "cache_tokens": seen,
-                         "kv_bytes": b, "kv_bytes_full": kv_bytes(None, shape, seen, model.dtype),
+                         "kv_bytes": kv, "kv_bytes_full": kv_bytes(None, shape, seen, model.dtype),
                          "batch_kv_bytes_held": held, "batch_kv_bytes_predicted": sum(predicted),
                          "tokens_per_s": sum(lengths) / wall, "batch": lo // batch_size,
                          "batch_size": len(batch)})

@@ -89,17 +89,28 @@ def greedy(
     ids: torch.Tensor,
     new_tokens: int,
     prefill_chunk: int = 256,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Greedy continuation (B, new_tokens) of prompts ``ids`` (B, T) through the allocation's real cache."""
+    """Greedy continuation (B, new_tokens) of prompts ``ids`` (B, T) through the allocation's real cache;
+    ``attention_mask`` (B, T) marks left padding (each sequence then has its own positions)."""
     ids = ids.to(model.device)
+    mask = None if attention_mask is None else attention_mask.to(model.device)
+    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)  # generate's position ids
+    kw: dict[str, torch.Tensor] = {}
     out = []
     with applied(model, allocation, evict=True) as cache:
         for lo in range(0, ids.shape[1], prefill_chunk):
-            logits = model(ids[:, lo : lo + prefill_chunk], cache=cache, use_cache=True).logits
+            if mask is not None:  # the mask covers every token seen so far
+                hi = lo + prefill_chunk
+                kw = {"attention_mask": mask[:, :hi], "position_ids": pos[:, lo:hi]}
+            logits = model(ids[:, lo : lo + prefill_chunk], cache=cache, use_cache=True, **kw).logits
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             out.append(nxt)
-            logits = model(nxt, cache=cache, use_cache=True).logits
+            if mask is not None:
+                mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos[:, -1:] + 1
+                kw = {"attention_mask": mask, "position_ids": pos}
+            logits = model(nxt, cache=cache, use_cache=True, **kw).logits
     return torch.cat(out, 1)
 
 

@@ -16,8 +16,16 @@ to a full cache (keys 0..K-1, the queries the last Q of them). An evicting cache
 
 A position source may also carry two flags. ``evicting = True`` (the per-head cache of
 :mod:`models.kv_cache`): its keys are not transformers' contiguous cache, so transformers' own causal mask
-is bypassed (the registered mask function returns ``None``; padded batches are refused) and causality comes
-from the positions alone. ``reindex = True``: StreamingLLM's position re-indexing -- distances are counted
+is bypassed (the registered mask function returns ``None`` and hands the padding mask to the cache) and
+causality comes from the positions alone.
+
+Padded batches: every sequence has its own positions, a real token's position being its index among its
+sequence's real tokens (:func:`models.window.positions`, what ``generate`` derives ``position_ids`` from),
+so padding never occupies a head's sink or window. Positions are then batched, queries (B, Q) and keys
+(B, K) or (B, kv_heads, K), and the bias is per sequence. This holds for the evicting cache and for the
+masked forward over a full cache alike, so both give each prompt of a left-padded batch what it gets alone.
+
+``reindex = True``: StreamingLLM's position re-indexing -- distances are counted
 inside the cache, so a head with sink ``s`` and window ``w`` never sees a distance beyond ``s + w - 1``
 (see :class:`Rotary`).
 """
@@ -111,6 +119,8 @@ class _State:
     masks: MaskProvider
     positions: PositionSource
     rotary: Rotary | None = None
+    # a padded batch over a full cache: (the mask _mask returned, q_pos (B, Q), k_pos (B, K)) of this forward
+    padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 _ACTIVE: dict[int, _State] = {}  # id(model.config) -> state, only while inside windowed()
@@ -129,10 +139,14 @@ def _reindexed(state: _State, layer: int, query, key, q_pos, k_pos, scaling):
     window = state.masks.window[layer].to(query.device)
     n_kv = key.shape[1]
     cap = sink + window - 1  # in-cache position of a query whose head holds all it may
-    delta = torch.minimum(q_pos.view(1, -1), cap.view(-1, 1)) - q_pos.view(1, -1)  # (Hkv, Q), <= 0
-    q_sink = state.rotary.rotate(query, delta.repeat_interleave(query.shape[1] // n_kv, dim=0))
-    kp = k_pos.expand(n_kv, -1) if k_pos.dim() == 1 else k_pos  # (Hkv, K)
-    is_sink = ((kp >= 0) & (kp < sink.view(-1, 1))).to(key.dtype).unsqueeze(-1)  # (Hkv, K, 1)
+    q = q_pos.unsqueeze(-2)  # (1, Q), or (B, 1, Q) per sequence (a padded batch)
+    delta = torch.minimum(q, cap.view(-1, 1)) - q  # ((B,) Hkv, Q), <= 0
+    q_sink = state.rotary.rotate(query, delta.repeat_interleave(query.shape[1] // n_kv, dim=-2))
+    if q_pos.dim() == 2:  # per sequence: keys (B, K) or (B, Hkv, K)
+        kp = k_pos.unsqueeze(1) if k_pos.dim() == 2 else k_pos
+    else:
+        kp = k_pos.expand(n_kv, -1) if k_pos.dim() == 1 else k_pos  # (Hkv, K)
+    is_sink = ((kp >= 0) & (kp < sink.view(-1, 1))).to(key.dtype).unsqueeze(-1)  # ((B,) Hkv, K, 1)
     key = torch.cat([key * (1 - is_sink), key * is_sink], dim=-1)  # (B, Hkv, K, 2D)
     query = torch.cat([query, q_sink], dim=-1)  # (B, Hq, Q, 2D)
     return query, key, scaling if scaling is not None else (query.shape[-1] // 2) ** -0.5
@@ -148,17 +162,25 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
         # an evicting cache after a one-token write holds exactly the keys this query may see: only its
         # padding needs masking (None: no mask at all, so SDPA can take its fastest kernel)
-        bias = quick(module.layer_idx, k_len)  # (Hkv, 1, K) or None
+        bias = quick(module.layer_idx, k_len)  # ((B,) Hkv, 1, K) or None
         if bias is not None:
-            bias = bias.repeat_interleave(query.shape[1] // bias.shape[0], dim=0).unsqueeze(0).to(query.dtype)
+            bias = bias.repeat_interleave(query.shape[1] // bias.shape[-3], dim=-3).to(query.dtype)
+            if bias.dim() == 4:  # per sequence (a padded batch): a padding query may see nothing, not NaN
+                bias = bias.clamp(min=torch.finfo(query.dtype).min)
+            else:
+                bias = bias.unsqueeze(0)
         return sdpa_attention_forward(module, query, key, value, bias, dropout, scaling, is_causal=False,
                                       **kwargs)
-    q_pos, k_pos = state.positions.positions(module.layer_idx, q_len, k_len)
-    bias = state.masks.bias(module.layer_idx, q_pos.to(query.device), k_pos.to(query.device))  # (Hkv, Q, K)
+    if state.padded is not None and attention_mask is state.padded[0]:  # a padded batch, full cache
+        q_pos, k_pos = state.padded[1:]  # (B, Q), (B, K): each sequence's own positions
+    else:
+        q_pos, k_pos = state.positions.positions(module.layer_idx, q_len, k_len)
+    # (Hkv, Q, K), or (B, Hkv, Q, K) for per-sequence positions
+    bias = state.masks.bias(module.layer_idx, q_pos.to(query.device), k_pos.to(query.device))
     if bias.requires_grad and state.rotary is None:  # learnable gates: the training path
         return _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling), None
-    bias = bias.repeat_interleave(query.shape[1] // bias.shape[0], dim=0).unsqueeze(0)  # (1, Hq, Q, K)
-    bias = bias.to(query.dtype)
+    bias = bias.repeat_interleave(query.shape[1] // bias.shape[-3], dim=-3)  # ((B,) Hq, Q, K)
+    bias = (bias if bias.dim() == 4 else bias.unsqueeze(0)).to(query.dtype)  # (1 | B, Hq, Q, K)
     if state.rotary is not None:
         query, key, scaling = _reindexed(state, module.layer_idx, query, key, q_pos.to(query.device),
                                          k_pos.to(query.device), scaling)
@@ -227,15 +249,33 @@ def _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling) ->
 
 
 def _mask(*args, **kwargs):
-    """transformers' SDPA mask, bypassed for an evicting cache (its keys are not a contiguous prefix)."""
+    """transformers' SDPA mask, and the positions of a padded batch (called once per forward).
+
+    A token's position is its index among its own sequence's real tokens (:func:`models.window.positions`,
+    what ``generate`` derives ``position_ids`` from), so padding never takes a sink or a window slot. An
+    evicting cache: transformers' mask is bypassed (its keys are not a contiguous prefix) and the padding
+    mask goes to the cache, which gives padding no slot and each sequence its own positions. A full cache
+    (the masked evaluator) with padding and a hard mask: the positions of this forward's keys and queries
+    are noted for :func:`_attention`, tied to the very mask returned here.
+    """
     state = _ACTIVE.get(id(kwargs.get("config")))
+    padding = kwargs.get("attention_mask")  # 2-D (B, kv columns), or None: no padding
     if state is not None and getattr(state.positions, "evicting", False):
-        padding = kwargs.get("attention_mask")
-        if padding is not None and not bool(padding.all()):
-            raise ValueError("the per-head evicting cache does not support padded batches; "
-                             "use batch 1 or prompts of equal length")
+        state.positions.note_padding(padding, kwargs["q_length"])
         return None
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if state is not None:
+        state.padded = None
+        if padding is not None and isinstance(state.masks, HardMask) and not bool(padding.all()):
+            kv_offset, kv_length = int(kwargs.get("kv_offset") or 0), kwargs["kv_length"]
+            q_offset, q_length = int(kwargs.get("q_offset") or 0), kwargs["q_length"]
+            pos = win.positions(padding.bool())  # (B, columns)
+            short = kv_offset + kv_length - pos.shape[-1]
+            if short > 0:  # transformers pads a short mask with padding
+                pos = torch.nn.functional.pad(pos, (0, short), value=-1)
+            q_pos = pos[:, q_offset : q_offset + q_length]
+            state.padded = (mask, q_pos, pos[:, kv_offset : kv_offset + kv_length])
+    return mask
 
 
 AttentionInterface.register(IMPLEMENTATION, _attention)  # once, public API; plain SDPA outside windowed()

@@ -8,14 +8,15 @@ Which keys survive, where each lives and how many there are is :mod:`models.wind
 eviction come from one allocation::
 
     with applied(model, allocation, evict=True) as cache:   # alloc.allocation.applied
-        model.generate(ids, past_key_values=cache, max_new_tokens=20)   # or a hand-written decode loop
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=20)
+        # or a hand-written decode loop; batches may be left-padded, and num_beams > 1 works
 
 Storage (why ragged): heads of one layer hold different numbers of tokens (a learned allocation gives one
 head 600 and its neighbour 20). Padding each layer to its largest head would hold up to ``n_kv_heads`` times
 the allocation's bytes in exactly the layers where per-head allocation matters, so each layer stores its
 heads *ragged* in one flat ``(batch, sum_h kept_h, head_dim)`` buffer per K and V (head ``h`` owns a
 contiguous segment: its sinks, then a ring of ``window`` slots). The bytes held are therefore exactly
-``Allocation.kv_bytes(T)``; :meth:`PerHeadCache.bytes_held` measures the live tensors. Attention needs
+``Allocation.kv_bytes(T)`` per sequence; :meth:`PerHeadCache.bytes_held` measures them. Attention needs
 ``(batch, kv_heads, K, head_dim)``: a layer whose heads hold equal counts is handed a zero-copy view; a
 ragged layer is gathered into a padded transient (empty slots at position -1, masked) that lives only for
 that layer's attention call (:meth:`PerHeadCache.transient_bytes`).
@@ -26,11 +27,27 @@ own ``DynamicCache`` does. A multi-token forward (prefill, or chunked streaming)
 plus all its new keys, then keeps only the survivors, so any chunking gives the same result as
 token-by-token decoding.
 
-Positions are absolute (``get_seq_length`` counts every token seen), so ``generate`` feeds the model its
-usual position ids; the cache reports each held key's absolute position to the attention function
-(``positions(layer, q_len, k_len)``), which builds the mask from it. With ``reindex=True`` the attention
-function applies StreamingLLM's re-indexing (see :class:`models.attention.Rotary`). Transformers' causal
-mask is bypassed for this cache (its keys are not a contiguous prefix); padded batches are refused.
+Positions: ``get_seq_length`` counts every column seen (padding included), so ``generate`` slices its inputs
+as for any cache; the cache reports each held key's position to the attention function
+(``positions(layer, q_len, k_len)``), which builds the mask from it. Transformers' causal mask is bypassed
+for this cache (its keys are not a contiguous prefix); its mask hook hands the forward's padding mask to the
+cache instead (:meth:`PerHeadCache.note_padding`). With ``reindex=True`` the attention function applies
+StreamingLLM's re-indexing (see :class:`models.attention.Rotary`).
+
+Padded batches: while no padding has arrived, the batch shares one position per slot (``pos`` (S,)), and a
+token's position is its column -- the single-sequence path, unchanged. From the first padding token on,
+each sequence counts its own real tokens (``count`` (B,)): a real token's position is its index among its
+sequence's real tokens (:func:`models.window.positions`, what ``generate`` derives ``position_ids`` from),
+padding gets no position and no slot, and every slot records its sequence's position (``pos`` (B, S)).
+So sequence b's sinks are its own first ``sink`` real tokens and its window its own last ``window``, and each
+prompt of a left-padded batch gets what it gets alone (a hand-written loop must pass ``position_ids`` as
+``generate`` does, or the model's rotary positions disagree with the cache's). The storage stays
+rectangular over the batch: each head's segment is laid out for the longest sequence
+(``kept_tokens(filled)``), and a shorter one leaves the tail of its segments empty (zeros, position -1,
+masked) until it fills them. :meth:`PerHeadCache.bytes_held` counts live entries only -- the sum over
+sequences of ``Allocation.kv_bytes(T_b)`` -- and :meth:`PerHeadCache.bytes_allocated` the tensors; they agree
+once every sequence holds its sink + window. Beam search reorders keys, values, positions and counts
+alike (:meth:`HeadLayer.reorder_cache`).
 """
 
 from __future__ import annotations
@@ -86,9 +103,9 @@ class HeadLayer(CacheLayerMixin):
     # ---- layout ----------------------------------------------------------------------------------
     @property
     def holes(self) -> bool:
-        """True when a shorter sequence of a padded batch leaves slots of the layout empty: every head holds
-        kept_tokens(filled) slots, a sequence of n real tokens fills kept_tokens(n) of them, and the two differ
-        for some head exactly when n < the layer's longest head."""
+        """True when a shorter sequence of a padded batch leaves slots of the layout empty: every head
+        holds kept_tokens(filled) slots, a sequence of n real tokens fills kept_tokens(n) of them, and the
+        two differ for some head exactly when n < the layer's longest head."""
         return self.counts is not None and min(self.counts) < max(self.lengths)
 
     def _diverge(self, batch: int) -> None:
@@ -152,8 +169,9 @@ class HeadLayer(CacheLayerMixin):
             self.pos.index_fill_(0, dst, t)
             return
         dst = self.offsets + win.slot(t.view(-1, 1), self.sink, self.window)  # (B, Hkv)
-        self.keys.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1]), key_states[:, :, 0])
-        self.values.scatter_(1, dst.unsqueeze(-1).expand(-1, -1, self.values.shape[-1]), value_states[:, :, 0])
+        index = dst.unsqueeze(-1)  # (B, Hkv, 1)
+        self.keys.scatter_(1, index.expand(-1, -1, self.keys.shape[-1]), key_states[:, :, 0])
+        self.values.scatter_(1, index.expand(-1, -1, self.values.shape[-1]), value_states[:, :, 0])
         self.pos.scatter_(1, dst, t.view(-1, 1).expand_as(dst))
 
     def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +186,12 @@ class HeadLayer(CacheLayerMixin):
 
     def padded_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held keys and values as (B, Hkv, Kmax, D): a free view if the heads hold equal counts."""
-        b, _, d = self.keys.shape
+        (b, _, d), dv = self.keys.shape, self.values.shape[-1]
         n_heads, kmax = len(self.lengths), max(self.lengths)
         if min(self.lengths) == kmax:  # the flat buffer is already head-major
-            return self.keys.view(b, n_heads, kmax, d), self.values.view(b, n_heads, kmax, -1)
+            return self.keys.view(b, n_heads, kmax, d), self.values.view(b, n_heads, kmax, dv)
         flat = self._index()[0].flatten()
-        return self.keys[:, flat].view(b, n_heads, kmax, d), self.values[:, flat].view(b, n_heads, kmax, -1)
+        return self.keys[:, flat].view(b, n_heads, kmax, d), self.values[:, flat].view(b, n_heads, kmax, dv)
 
     def padded_pos(self) -> torch.Tensor:
         """Positions of the padded view: (Hkv, Kmax) shared by the batch, or (B, Hkv, Kmax) once the batch's
@@ -197,7 +215,8 @@ class HeadLayer(CacheLayerMixin):
             return win.hard_bias(*self.last, self.sink, self.window, torch.float32)
         if self.holes:
             empty = self.padded_pos() < 0  # (B, Hkv, Kmax)
-            return torch.zeros(empty.shape, device=self.device).masked_fill_(empty, float("-inf")).unsqueeze(2)
+            bias = torch.zeros(empty.shape, device=self.device).masked_fill_(empty, float("-inf"))
+            return bias.unsqueeze(2)
         if min(self.lengths) == max(self.lengths):
             return None
         valid = self._index()[1]
@@ -319,14 +338,15 @@ class PerHeadCache(Cache):
 
     def note_padding(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
         """Called once per forward, by the attention mask hook, with the forward's 2-D padding mask
-        (B, seen + Q), transformers' convention (its last Q columns describe the new tokens; a (B, Q) mask of
-        the new tokens alone is read the same way). Padding among the new tokens gets no position and no slot."""
+        (B, seen + Q), transformers' convention (its last Q columns describe the new tokens; a (B, Q) mask
+        of the new tokens alone is read the same way). Padding among the new tokens gets no position and no
+        slot."""
         real = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[-1] < q_len:
                 raise ValueError(
-                    f"the per-head evicting cache needs a 2-D attention mask (batch, tokens seen + {q_len} new); "
-                    f"got shape {tuple(attention_mask.shape)}"
+                    "the per-head evicting cache needs a 2-D attention mask "
+                    f"(batch, tokens seen + {q_len} new); got shape {tuple(attention_mask.shape)}"
                 )
             new = attention_mask[:, -q_len:].bool()
             if not bool(new.all()):
@@ -366,11 +386,12 @@ class PerHeadCache(Cache):
 
     # ---- measures ---------------------------------------------------------------------------------
     def bytes_held(self) -> int:
-        """Bytes of the K and V entries this cache holds right now (all layers, all sequences): live entries
-        only. In a padded batch each sequence holds its own ``Allocation.kv_bytes(T_b)`` (T_b its real tokens),
-        while the rectangular storage is laid out for the longest: the slots a shorter sequence has not filled
-        yet are allocated but hold nothing, and are counted by :meth:`bytes_allocated`, not here. Without
-        padding, or once every sequence holds its sink + window, the two agree."""
+        """Bytes of the K and V entries this cache holds right now (all layers, all sequences): live
+        entries only. In a padded batch each sequence holds its own ``Allocation.kv_bytes(T_b)`` (T_b its
+        real tokens), while the rectangular storage is laid out for the longest: the slots a shorter
+        sequence has not filled yet are allocated but hold nothing, and are counted by
+        :meth:`bytes_allocated`, not here. Without padding, or once every sequence holds its sink + window,
+        the two agree."""
         return sum(_held_kv_bytes(layer) for layer in self.layers if layer.is_initialized)
 
     def bytes_allocated(self) -> int:

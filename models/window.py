@@ -84,7 +84,8 @@ def keep(
 
     Batched: ``p`` (B, P) and ``seen`` (B,) (each sequence's own count); returns (B, H, P)."""
     if p.dim() == 2:  # batched
-        p, seen = p.unsqueeze(1), torch.as_tensor(seen, device=p.device).view(-1, 1, 1)  # (B, 1, P), (B, 1, 1)
+        p = p.unsqueeze(1)  # (B, 1, P)
+        seen = torch.as_tensor(seen, device=p.device).view(-1, 1, 1)  # (B, 1, 1)
     else:
         p = p.view(1, -1)
     return (p >= 0) & ((p < sink.view(-1, 1)) | (p > seen - 1 - window.view(-1, 1)))
