@@ -76,6 +76,7 @@ class HeadLayer(CacheLayerMixin):
     def __init__(self, sink: torch.Tensor, window: torch.Tensor) -> None:
         super().__init__()
         self.sink, self.window = sink.long(), window.long()  # (Hkv,)
+        self.full = win.kept_tokens(2**62, self.sink, self.window).tolist()  # each head's count once full
         self.seen = 0  # columns seen, padding included (what ``generate`` slices its inputs by)
         self.filled = 0  # most real tokens one sequence has seen; the layout holds kept_tokens(filled) slots
         self.count: torch.Tensor | None = None  # (B,) real tokens of each sequence, once positions diverge
@@ -120,6 +121,8 @@ class HeadLayer(CacheLayerMixin):
 
     def _grow(self) -> None:
         """Reallocate so that every head can hold min(filled, sink + window) tokens (only ever grows)."""
+        if self.lengths == self.full:  # every head holds all it ever will: nothing to compute per step
+            return
         new = win.kept_tokens(self.filled, self.sink, self.window).tolist()
         if new == self.lengths:
             return
