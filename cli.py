@@ -10,7 +10,7 @@
 | train    | alloc.train.fit                                   | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
 | quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
-| generate | alloc.passkey.greedy_with_cache                   | continuation + KV bytes held, on stdout       |
+| generate | alloc.generate.generate_rows                      | text + KV bytes held, or JSON lines per prompt |
 | passkey  | alloc.passkey.run_passkey_file                    | JSON lines (resumable) + heatmaps             |
 
 Bad input ends with one ``error: ...`` line on stderr and exit code 2, never a traceback, before any compute.

@@ -114,35 +114,6 @@ def greedy(
     return torch.cat(out, 1)
 
 
-@torch.no_grad()
-def greedy_with_cache(
-    model: PreTrainedModel,
-    allocation: Allocation | None,
-    ids: torch.Tensor,
-    new_tokens: int,
-    reindex: bool = False,
-    prefill_chunk: int = 512,
-) -> tuple[torch.Tensor, Any]:
-    """Greedy continuation with plain ``model.generate`` on the allocation's real cache: (new ids, cache).
-
-    All but the last prompt token are prefilled in chunks first (so a long prompt never needs a quadratic
-    mask), then ``generate`` continues from the filled cache.
-    """
-    ids = ids.to(model.device)
-    with applied(model, allocation, evict=True, reindex=reindex) as cache:
-        for lo in range(0, ids.shape[1] - 1, prefill_chunk):
-            model(ids[:, lo : min(lo + prefill_chunk, ids.shape[1] - 1)], cache=cache, use_cache=True)
-        out = model.generate(
-            ids,
-            cache=cache,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=model.generation_config.eos_token_id or 0,
-        )
-    return out[:, ids.shape[1] :], cache
-
-
 def is_correct(text: str, key: str) -> bool:
     """Exact match: the first number in the continuation is the key."""
     found = re.search(r"\d+", text)

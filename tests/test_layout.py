@@ -50,7 +50,7 @@ def test_cli_is_thin():
 
 
 CONFIGS = {"evaluate": "EvaluateConfig", "classify": "ClassifyConfig", "ablation": "SweepConfig",
-           "learned": "SweepConfig", "passkey": "PasskeyConfig", "train": None}
+           "learned": "SweepConfig", "quantized": "SweepConfig", "passkey": "PasskeyConfig", "train": None}
 
 
 def test_every_config_file_loads_through_its_commands_dataclass():
