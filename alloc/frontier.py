@@ -251,8 +251,9 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> list[str]:
         is_b = c["family"] == "B"
         dci = "-" if is_b else _interval_text(c["delta_lo"], c["delta_hi"], "+.2f")
         tag = "frontier" if is_b else verdict(c) + (" (extrap.)" if c["extrapolated"] else "")
+        saving = "1.00x" if is_b else "-" if c["family"] == "full" else c["saving_text"]
         lines.append(
             f"{c['name']:24s} {c['eff_ctx']:8.2f} {c['ppl']:8.3f} {ci:>17s} {100 * c['acc']:6.2f}% "
-            f"{c['b_ppl']:8.3f} {c['delta']:+7.3f} {dci:>18s} {c['saving_text']:>6s}  {tag}"
+            f"{c['b_ppl']:8.3f} {c['delta']:+7.3f} {dci:>18s} {saving:>6s}  {tag}"
         )
     return lines
