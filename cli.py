@@ -68,13 +68,10 @@ def main() -> None:
         code = app(standalone_mode=False)
     except typer.TyperException as e:  # the option parser's usage errors (typer's own click)
         if type(e).__name__ == "NoArgsIsHelpError":
-            typer.echo(e.format_message())
-            sys.exit(0)
-        typer.echo(f"error: {(e.format_message() or type(e).__name__).splitlines()[0]}", err=True)
-        sys.exit(2)
+            sys.exit(typer.echo(e.format_message()) or 0)
+        sys.exit(typer.echo(f"error: {(e.format_message() or type(e).__name__).splitlines()[0]}", err=True) or 2)
     except (HeadkvError, OSError) as e:
-        typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-        sys.exit(2)
+        sys.exit(typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True) or 2)
     except (KeyboardInterrupt, typer.Abort):
         typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
         sys.exit(130)
@@ -157,6 +154,12 @@ def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str]
     return resolve(PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof), names, files)
 
 
+def _bos(tokenizer: Any) -> bool:  # blocks, streams and prompts start with BOS: the tokenizer adds one
+    from models.corpus import bos_id
+
+    return bos_id(tokenizer) is not None
+
+
 def _bar(label: str, length: int) -> Any:
     return typer.progressbar(length=length, label=f"{label:28s}", file=sys.stderr)
 
@@ -196,7 +199,7 @@ def evaluate(cfg: EvaluateConfig) -> None:
     if cfg.mode == "streaming":
         return _evaluate_streaming(cfg, lm, tok, entries)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
-    conditions = {"kind": "evaluate", **model_identity(lm), "tokens_digest": tokens_digest(blocks)}
+    conditions = {"kind": "evaluate", **model_identity(lm), "tokens_digest": tokens_digest(blocks), "bos": _bos(tok)}
     results = []
     for e in entries:
         with _bar(e.label, len(blocks)) as bar:
@@ -220,7 +223,7 @@ def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[An
         typer.echo(f"note: the stream ({cfg.tokens + 1} tokens) runs past the model's {limit} positions "
                    "without --reindex", err=True)
     stream = long_stream(tok, cfg.corpus, cfg.split, cfg.tokens + 1, encoding=cfg.encoding)
-    settings = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "reindex": cfg.reindex,
+    settings = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "bos": _bos(tok), "reindex": cfg.reindex,
                 "chunk": cfg.chunk, "segment": cfg.segment}
     bars: dict[str, Any] = {}
 
@@ -277,7 +280,7 @@ def sweep(cfg: SweepConfig) -> None:
     lm, tok = _load_model(cfg, cfg.seq_len)
     entries = _entries(lm, names, cfg.allocation, cfg.profile)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
-    info = {k: getattr(cfg, k) for k in ("model", "corpus", "split", "tokens", "seq_len")}
+    info = {**{k: getattr(cfg, k) for k in ("model", "corpus", "split", "tokens", "seq_len")}, "bos": _bos(tok)}
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}; rerun the same command to resume"
     start = time.perf_counter()
     rows = run_sweep(lm, blocks, entries, cfg.out, info, _stage_bars())
@@ -425,7 +428,7 @@ def passkey(cfg: PasskeyConfig) -> None:
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)
     stream = long_stream(tok, cfg.corpus, cfg.split, 8 * max(cfg.length), encoding=cfg.encoding)
     tasks = build_tasks(tok, stream, cfg.length, cfg.depth, cfg.trials, cfg.seed)
-    settings = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "seed": cfg.seed}
+    settings = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "seed": cfg.seed, "bos": _bos(tok)}
     _RESUME["hint"] = f"finished cells are kept in {cfg.out}; rerun the same command to resume"
     bars: list[Any] = []
 

@@ -47,11 +47,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def build_task(
     tokenizer: Any, stream: torch.Tensor, length: int, depth: float, rng: np.random.Generator
 ) -> PasskeyTask:
-    """One task of exactly ``length`` tokens cut from the corpus ``stream`` (1-D token ids)."""
+    """One task of exactly ``length`` tokens cut from the corpus ``stream`` (1-D token ids); it starts with
+    BOS where the tokenizer adds one (``length`` counts it)."""
+    from models.corpus import bos_id
+
+    bos = bos_id(tokenizer)
+    head = [] if bos is None else [bos]
+    if bos is not None:
+        stream = stream[stream != bos]
     key = str(int(rng.integers(10000, 100000)))
     needle = _encode(tokenizer, NEEDLE.format(key=key))
     question = _encode(tokenizer, QUESTION)
-    n_fill = length - len(needle) - len(question)
+    n_fill = length - len(needle) - len(question) - len(head)
     if n_fill < 1 or not 0.0 <= depth <= 1.0:
         raise ValueError(
             f"a passkey task of {length} tokens cannot hold the needle and question at depth {depth}"
@@ -61,8 +68,9 @@ def build_task(
     start = int(rng.integers(0, stream.numel() - n_fill))
     filler = stream[start : start + n_fill].tolist()
     cut = round(depth * n_fill)
-    ids = filler[:cut] + needle + filler[cut:] + question
-    return PasskeyTask(torch.tensor(ids, dtype=torch.long), key, depth, length, (cut, cut + len(needle)))
+    ids = head + filler[:cut] + needle + filler[cut:] + question
+    span = (len(head) + cut, len(head) + cut + len(needle))
+    return PasskeyTask(torch.tensor(ids, dtype=torch.long), key, depth, length, span)
 
 
 def build_tasks(

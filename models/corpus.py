@@ -444,6 +444,17 @@ class TokenizedSplit:
 _MEMO: dict[str, TokenizedSplit] = {}
 
 
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS token id when the model's tokenizer adds one (encode with special tokens and look: never
+    guessed from the family), else None. Blocks, streams and prompts then start with it at position 0."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return int(bos) if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
@@ -626,32 +637,40 @@ def token_blocks(
     *,
     encoding: str | None = None,
 ) -> torch.Tensor:
-    """``(n_blocks, seq_len)`` int64 token ids: non-overlapping, paragraph-aligned, evenly spread, no BOS.
+    """``(n_blocks, seq_len)`` int64 token ids: non-overlapping, paragraph-aligned, evenly spread. Where the
+    tokenizer adds BOS (:func:`bos_id`) every block starts with it and ``seq_len`` counts it.
 
     ``encoding`` decodes a local ``.txt`` corpus (default: strict UTF-8); the named corpora ignore it."""
-    if seq_len < 1 or n_blocks < 1:
-        raise CorpusError(f"seq_len and n_blocks must be >= 1, got {seq_len} and {n_blocks}")
+    bos = bos_id(tokenizer)
+    body = seq_len - (bos is not None)
+    if body < 1 or n_blocks < 1:
+        raise CorpusError(f"seq_len and n_blocks must be >= 1 (BOS counted), got {seq_len} and {n_blocks}")
     tokens = tokenized_split(tokenizer, source, split, encoding=encoding)
     total = tokens.ids.numel()
     try:
-        starts = select_block_starts(_candidates(tokens, seq_len), total, seq_len, n_blocks, seed)
+        starts = select_block_starts(_candidates(tokens, body), total, body, n_blocks, seed)
     except CorpusError as exc:
         raise CorpusError(f"{describe(source, encoding=encoding)} {_canonical_split(split)}: {exc}") from None
-    return torch.stack([tokens.ids[s : s + seq_len] for s in starts]).long()
+    blocks = torch.stack([tokens.ids[s : s + body] for s in starts]).long()
+    return blocks if bos is None else torch.cat([torch.full((n_blocks, 1), bos, dtype=torch.long), blocks], 1)
 
 
 def long_stream(
     tokenizer: Any, source: str, split: str = "eval", n_tokens: int = 32768, *, encoding: str | None = None
 ) -> torch.Tensor:
-    """The first ``n_tokens`` of the split's concatenated token stream (documents ``"\\n\\n"``-joined).
+    """The first ``n_tokens`` of the split's concatenated token stream (documents ``"\\n\\n"``-joined), after
+    the BOS token where the tokenizer adds one (:func:`bos_id`; counted in ``n_tokens``).
 
     ``encoding`` decodes a local ``.txt`` corpus (default: strict UTF-8); the named corpora ignore it."""
     if n_tokens < 1:
         raise CorpusError(f"n_tokens must be >= 1, got {n_tokens}")
+    bos = bos_id(tokenizer)
+    body = n_tokens - (bos is not None)
     tokens = tokenized_split(tokenizer, source, split, encoding=encoding)
-    if tokens.ids.numel() < n_tokens:
+    if tokens.ids.numel() < body:
         raise CorpusError(
             f"{describe(source, encoding=encoding)} {_canonical_split(split)} holds only "
             f"{tokens.ids.numel()} tokens, {n_tokens} requested"
         )
-    return tokens.ids[:n_tokens].clone()
+    ids = tokens.ids[:body].clone()
+    return ids if bos is None else torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
