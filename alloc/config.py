@@ -12,7 +12,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -357,13 +357,6 @@ def load(cls: type, config: str | Path | None, given: dict[str, Any], base: dict
         if hasattr(cfg, check):
             getattr(cfg, check)()
     return cfg
-
-
-def defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in fields(cls):
-        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-    return out
 
 
 # ---- checks that need the world: devices, output paths ------------------------------------------------

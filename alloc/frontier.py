@@ -94,7 +94,8 @@ def monotone_fit(front: np.ndarray) -> np.ndarray:
     fit = np.where(k >= j, suffix_max, np.inf).min(-2)  # min over j <= i
     for i in range(1, p):  # strict decrease: a tie steps down by a relative TIE_EPS
         fit[..., i] = np.minimum(fit[..., i], fit[..., i - 1] * (1 - TIE_EPS))
-    return fit
+    # a frontier that already falls is its own fit, exactly (the cumulative sums above round its values)
+    return np.where(np.all(np.diff(y, axis=-1) < 0, axis=-1, keepdims=True), y, fit)
 
 
 def equal_quality_ctx(ppl: Any, ctx: Any, front: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +252,7 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> list[str]:
         is_b = c["family"] == "B"
         dci = "-" if is_b else _interval_text(c["delta_lo"], c["delta_hi"], "+.2f")
         tag = "frontier" if is_b else verdict(c) + (" (extrap.)" if c["extrapolated"] else "")
-        saving = "1.00x" if is_b else "-" if c["family"] == "full" else c["saving_text"]
+        saving = "-" if c["family"] == "full" else c["saving_text"]  # full attention saves nothing
         lines.append(
             f"{c['name']:24s} {c['eff_ctx']:8.2f} {c['ppl']:8.3f} {ci:>17s} {100 * c['acc']:6.2f}% "
             f"{c['b_ppl']:8.3f} {c['delta']:+7.3f} {dci:>18s} {saving:>6s}  {tag}"

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied, kv_bytes
+from models import window as win
 from models.kv_cache import DeployError, kv_bytes_of
 from models.loading import model_shape
 
@@ -76,7 +77,7 @@ def generate_rows(
         ids, mask = left_pad(batch, pad)
         start = time.perf_counter()
         ids, mask = ids.to(model.device), mask.to(model.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # a real token's index among its sequence's: generate's
+        pos = win.positions(mask.bool()).clamp(min=0)  # generate's position ids (padding at 0)
         with applied(model, allocation, evict=True, reindex=reindex) as cache:
             for a in range(0, ids.shape[1] - 1, prefill_chunk):
                 b = min(a + prefill_chunk, ids.shape[1] - 1)

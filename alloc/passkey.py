@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied
+from models import window as win
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def greedy(
     ``attention_mask`` (B, T) marks left padding (each sequence then has its own positions)."""
     ids = ids.to(model.device)
     mask = None if attention_mask is None else attention_mask.to(model.device)
-    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)  # generate's position ids
+    pos = None if mask is None else win.positions(mask.bool()).clamp(min=0)  # generate's position ids
     kw: dict[str, torch.Tensor] = {}
     out = []
     with applied(model, allocation, evict=True) as cache:

@@ -23,8 +23,7 @@ import torch
 
 from alloc.allocation import AllocationError
 from alloc.evaluate import evaluate
-from alloc.frontier import family
-from alloc.policies import Entry, unique_labels
+from alloc.policies import Entry, family_of, unique_labels
 from alloc.results import (
     ResultsError,
     append_row,
@@ -55,11 +54,6 @@ def expand(grid: dict[str, dict[str, list] | None]) -> list[str]:
     return names
 
 
-def finished(out: str | Path) -> set[str]:
-    """Measurement keys of the sweep rows already in the results file."""
-    return {r["key"] for r in read_rows(out) if r.get("kind") == "sweep" and "key" in r}
-
-
 def run_sweep(
     model: Any,
     blocks: torch.Tensor,
@@ -80,17 +74,17 @@ def run_sweep(
     for e, key in zip(entries, keys, strict=True):
         if key in done:  # measured already; another policy of equal content gets a row of its own
             if (key, origin(e.source)) not in named:
-                append_row(out, {**done[key], "name": e.label, "family": family(e.label), **e.source})
+                append_row(out, {**done[key], "name": e.label, "family": family_of(e.label), **e.source})
             continue
         res = evaluate(model, e.allocation, blocks, name=e.label,
                        progress=(lambda i, n, _name=e.label: progress(_name, i, n)) if progress else None)
-        row = {"kind": "sweep", "key": key, "family": family(e.label),
+        row = {"kind": "sweep", "key": key, "family": family_of(e.label),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "allocation_sha256": e.allocation.digest()[:16] if e.allocation else None,
                **info, **e.source, **res.to_dict(), **model_identity(model), "versions": versions()}
         append_row(out, row)
         done[key] = row
-    return [{**done[k], "name": e.label, "family": family(e.label)}
+    return [{**done[k], "name": e.label, "family": family_of(e.label)}
             for e, k in zip(entries, keys, strict=True)]
 
 
