@@ -165,13 +165,13 @@ def _bar(label: str, length: int) -> Any:
 
 
 def _stage_bars() -> Callable[[str, int, int], None]:
-    """``progress(stage, i, n)``: one progress bar per stage, closed at its last step."""
+    """``progress(stage, i, n)``: one progress bar per stage (i of n done), closed at its last step."""
     bars: dict[str, Any] = {}
 
     def progress(stage: str, i: int, n: int) -> None:
         if stage not in bars:
             bars[stage] = _bar(stage, n).__enter__()
-        bars[stage].update(1)
+        bars[stage].update(i - bars[stage].pos)
         if i == n:
             bars.pop(stage).__exit__(None, None, None)
 
@@ -225,13 +225,7 @@ def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[An
     stream = long_stream(tok, cfg.corpus, cfg.split, cfg.tokens + 1, encoding=cfg.encoding)
     settings = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "bos": _bos(tok), "reindex": cfg.reindex,
                 "chunk": cfg.chunk, "segment": cfg.segment}
-    bars: dict[str, Any] = {}
-
-    def progress(label: str) -> Callable[[int, int], None]:
-        bars[label] = _bar(label, cfg.tokens).__enter__()
-        return lambda i, n: (bars[label].update(i - bars[label].pos), i == n and bars[label].__exit__(None, None, None))
-
-    results, skipped = run_streams(lm, entries, stream, cfg.out, settings, progress)
+    results, skipped = run_streams(lm, entries, stream, cfg.out, settings, _stage_bars())
     for label in skipped:
         typer.echo(f"{label}: already measured in {cfg.out}, skipped (use another --out to rerun)", err=True)
     typer.echo("\n".join(stream_table(results, cfg.segment)))
@@ -430,17 +424,7 @@ def passkey(cfg: PasskeyConfig) -> None:
     tasks = build_tasks(tok, stream, cfg.length, cfg.depth, cfg.trials, cfg.seed)
     settings = {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, "seed": cfg.seed, "bos": _bos(tok)}
     _RESUME["hint"] = f"finished cells are kept in {cfg.out}; rerun the same command to resume"
-    bars: list[Any] = []
-
-    def progress(label: str, n: int) -> Callable[[], None]:
-        if bars:
-            bars.pop().__exit__(None, None, None)
-        bars.append(_bar(label, n).__enter__())
-        return lambda: bars[-1].update(1)
-
-    rows = run_passkey_file(lm, tok, entries, tasks, cfg.out, settings, batch=cfg.batch, progress=progress)
-    if bars:
-        bars.pop().__exit__(None, None, None)
+    rows = run_passkey_file(lm, tok, entries, tasks, cfg.out, settings, batch=cfg.batch, progress=_stage_bars())
     typer.echo("\n".join(passkey_table(rows, [e.label for e in entries], cfg.length)))
     for path in passkey_heatmaps(rows, cfg.plots):
         typer.echo(f"wrote {path}")

@@ -207,7 +207,7 @@ def run_passkey_file(
     settings: dict[str, Any],
     *,
     batch: int = 8,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every entry over every (length, depth) cell, one results row per cell, resumable: a cell is skipped
     when a row with its measurement key (the allocation's content, the model, the exact task tokens) is in
@@ -221,17 +221,18 @@ def run_passkey_file(
     for e in entries:
         keys = {cell: measurement_key(e.allocation, {**base, "tasks": d}) for cell, d in cell_keys.items()}
         todo = {cell for cell, k in keys.items() if k not in latest}
-        tick = progress(e.label, len(todo)) if progress else None
+        done = [0]
 
-        def save(row: dict[str, Any], e=e, keys=keys, tick=tick) -> None:
+        def save(row: dict[str, Any], e=e, keys=keys, todo=todo, done=done) -> None:
             key = keys[(row["length"], row["depth"])]
             eff = e.allocation.eff_ctx() if e.allocation is not None else None
             full = {**settings, **base, "key": key, "allocation": e.label, "eff_ctx": eff, **e.source, **row,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions()}
             append_row(out, full)
             latest[key] = full
-            if tick:
-                tick()
+            done[0] += 1
+            if progress:
+                progress(e.label, done[0], len(todo))
 
         run_passkey(model, tokenizer, e.allocation, tasks, batch=batch, skip=set(tasks) - todo, on_row=save)
         rows.extend({**latest[k], "allocation": e.label} for k in keys.values() if k in latest)

@@ -115,7 +115,7 @@ def run_streams(
     stream: torch.Tensor,
     out: str | Path,
     settings: dict[str, Any],
-    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[StreamResult], list[str]]:
     """Stream ``stream`` through every entry's real cache, one results row each, resumable by measurement
     key; returns (new results, labels skipped as already measured)."""
@@ -133,7 +133,7 @@ def run_streams(
             continue
         res = stream_nll(model, e.allocation, stream, reindex=reindex, chunk=settings["chunk"],
                          segment=settings["segment"], name=e.label,
-                         progress=progress(e.label) if progress else None)
+                         progress=(lambda i, n, label=e.label: progress(label, i, n)) if progress else None)
         results.append(res)
         append_row(out, {**settings, **conditions, "key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          **e.source, **res.to_dict(), "versions": versions()})
