@@ -4,6 +4,7 @@
     python bench/decode_speed.py --random-init pythia-2.8b --dtype bfloat16 --device cuda \
         --at 1024 --at 8192 --at 32768
     python bench/decode_speed.py --vs-sliding 128 --at 256 --at 4096   # + transformers' sliding-window cache
+    python bench/decode_speed.py --at 256 --steps 64 --repeats 1 --profile      # + where a step's time goes
 
 For every context length T: each allocation's cache is filled with the same T tokens (chunked prefill, which
 the tests show equals token-by-token), then ``--steps`` single-token decode steps are timed. The allocations
@@ -19,11 +20,14 @@ files, the built per-head one). ``--vs-sliding W`` adds transformers' own slidin
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -59,10 +63,12 @@ def _sync(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def decode_rate(model: torch.nn.Module, allocation, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
+def decode_rate(
+    model: torch.nn.Module, allocation, tokens: torch.Tensor, steps: int, profiler: Any = None
+) -> tuple[float, float]:
     """Tokens per wall-clock second and per CPU second of ``steps`` greedy single-token steps after a prompt
     of ``tokens`` went through the allocation's real cache. On a shared CPU the process's CPU time is the
-    steadier clock; on a GPU only wall time counts."""
+    steadier clock; on a GPU only wall time counts. A cProfile ``profiler`` runs over the decode steps."""
     nxt = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     if isinstance(allocation, SlidingTwin):
         model, door = allocation.model, nullcontext(DynamicCache(config=allocation.model.config))
@@ -73,11 +79,32 @@ def decode_rate(model: torch.nn.Module, allocation, tokens: torch.Tensor, steps:
         model(nxt, cache=cache, use_cache=True)  # warm-up step
         _sync(model)
         start, cpu = time.perf_counter(), time.process_time()
+        if profiler:
+            profiler.enable()
         for _ in range(steps):
             logits = model(nxt, cache=cache, use_cache=True).logits
             nxt = logits[:, -1:].argmax(-1)
         _sync(model)
+        if profiler:
+            profiler.disable()
     return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
+
+
+def time_shares(model: torch.nn.Module, allocation, tokens: torch.Tensor, steps: int) -> dict[str, float]:
+    """Where a decode step's time goes (cProfile over ``steps`` steps): the share in the linear layers, in
+    SDPA, and in the cache's ``update`` (its bookkeeping and writes, with the torch calls it makes)."""
+    prof = cProfile.Profile()
+    decode_rate(model, allocation, tokens, steps, prof)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
+    total = sum(v[2] for v in stats.values())
+
+    def own(name: str) -> float:  # time inside one torch built-in
+        return sum(v[2] for k, v in stats.items() if name in k[2]) / total
+
+    caches = ("kv_cache.py", "cache_utils.py")
+    update = [v[3] for k, v in stats.items() if k[2] == "update" and k[0].endswith(caches)]
+    return {"linear": own("torch._C._nn.linear"), "sdpa": own("scaled_dot_product_attention"),
+            "cache_update": max(update, default=0.0) / total}  # the outermost update: all the cache's work
 
 
 def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int) -> list[dict]:
@@ -94,7 +121,7 @@ def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int) -> li
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = {"--at": [], "--steps": 32, "--repeats": 3, "--vs-sliding": 0}
+    extra = {"--at": [], "--steps": 32, "--repeats": 3, "--vs-sliding": 0, "--profile": False}
     rest = []
     it = iter(argv)
     for a in it:
@@ -102,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
             extra["--at"].append(int(next(it)))
         elif a in ("--steps", "--repeats", "--vs-sliding"):
             extra[a] = int(next(it))
+        elif a == "--profile":
+            extra[a] = True
         else:
             rest.append(a)
     lengths = extra["--at"] or [256, 1024, 4096]
@@ -124,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
             result.setdefault("vs_sliding", {})[t] = {
                 "wall": ours["tokens_per_s"] / theirs["tokens_per_s"],
                 "cpu": ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"]}
+    if extra["--profile"]:
+        result["time_shares"] = {str(t): {label: time_shares(model, a, tokens[:t], steps)
+                                          for label, a in rows} for t in lengths}
     write(result, args.out)
 
 
