@@ -271,6 +271,11 @@ class TrainConfig:
             raise TrainError("tau_start, tau_end and lr must be positive")
         if not 0 <= self.lr_end_frac <= 1:
             raise TrainError(f"lr_end_frac must lie in [0, 1], got {self.lr_end_frac!r}")
+        if not self.wandb_project:
+            raise TrainError("wandb_project must not be empty")
+        for key, allowed in _lightning_names().items():
+            if str(getattr(self, key)) not in allowed:
+                raise TrainError(f"{key} must be one of {', '.join(sorted(allowed))}, got {getattr(self, key)!r}")
         from alloc.gates import GateError, check_budget
 
         try:
@@ -286,6 +291,18 @@ class TrainConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+
+def _lightning_names() -> dict[str, set[str]]:
+    """What Lightning accepts for precision, accelerator and strategy (read off its registries)."""
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    precisions = {str(v) for literal in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(literal)}
+    return {"precision": precisions,
+            "accelerator": {"auto", "gpu", *AcceleratorRegistry.available_accelerators()},
+            "strategy": {"auto", *StrategyRegistry.available_strategies()}}
 
 
 # ---- loading: defaults < YAML < flags, every value type-checked -------------------------------------------
