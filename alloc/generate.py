@@ -10,7 +10,9 @@ checked against their sum) and the batch's tokens per second.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,6 +20,7 @@ from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied, kv_bytes
 from models import window as win
+from models.common import atomic_write
 from models.kv_cache import DeployError, kv_bytes_of
 from models.loading import model_shape
 
@@ -107,9 +110,6 @@ def generate_rows(
 
 def read_prompts(path: str) -> list[str]:
     """The prompts of a JSON-lines file (one object with a "prompt" string per line), or one error line."""
-    import json
-    from pathlib import Path
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -134,10 +134,6 @@ def read_prompts(path: str) -> list[str]:
 
 def save_rows(out: str, prompts: list[str], rows: list[dict[str, Any]], label: str, source: dict) -> str:
     """Write one JSON row per prompt (atomically: all or nothing) and return the summary line."""
-    import json
-
-    from models.common import atomic_write
-
     lines = [json.dumps({"prompt": p, "allocation": label, **source, **r})
              for p, r in zip(prompts, rows, strict=True)]
     atomic_write(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

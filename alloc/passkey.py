@@ -24,7 +24,9 @@ import torch
 from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied
+from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
 from models import window as win
+from models.corpus import bos_id
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,6 @@ def build_task(
 ) -> PasskeyTask:
     """One task of exactly ``length`` tokens cut from the corpus ``stream`` (1-D token ids); it starts with
     BOS where the tokenizer adds one (``length`` counts it)."""
-    from models.corpus import bos_id
-
     bos = bos_id(tokenizer)
     head = [] if bos is None else [bos]
     if bos is not None:
@@ -212,8 +212,6 @@ def run_passkey_file(
     """Every entry over every (length, depth) cell, one results row per cell, resumable: a cell is skipped
     when a row with its measurement key (the allocation's content, the model, the exact task tokens) is in
     ``out``. Returns this run's rows (old and new), labelled as this run labels them."""
-    from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
-
     base = {"kind": "passkey", **model_identity(model)}
     cell_keys = {cell: tokens_digest([t.ids for t in group]) for cell, group in tasks.items()}
     latest = {r.get("key"): r for r in read_rows(out) if r.get("kind") == "passkey"}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied, kv_bytes
+from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
 from models.kv_cache import kv_bytes_of
 from models.loading import model_shape
 
@@ -119,8 +120,6 @@ def run_streams(
 ) -> tuple[list[StreamResult], list[str]]:
     """Stream ``stream`` through every entry's real cache, one results row each, resumable by measurement
     key; returns (new results, labels skipped as already measured)."""
-    from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
-
     conditions = {"kind": "streaming", **model_identity(model), "tokens_digest": tokens_digest(stream),
                   "chunk": settings["chunk"], "segment": settings["segment"]}
     done = {r.get("key") for r in read_rows(out) if r.get("kind") == "streaming"}
