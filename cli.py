@@ -151,7 +151,7 @@ def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str]
 
         prof = HeadProfile.load(profile)
         prof.check_model(shape)
-    return resolve(PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof), names, files)
+    return resolve(PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof, shape.native), names, files)
 
 
 def _bos(tokenizer: Any) -> bool:  # blocks, streams and prompts start with BOS: the tokenizer adds one
@@ -203,7 +203,8 @@ def evaluate(cfg: EvaluateConfig) -> None:
     results = []
     for e in entries:
         with _bar(e.label, len(blocks)) as bar:
-            res = run_eval(lm, e.allocation, blocks, name=e.label, progress=lambda i, n: bar.update(1))
+            res = run_eval(lm, e.allocation, blocks, name=e.label, progress=lambda i, n: bar.update(1),
+                           backend=cfg.attention)
         results.append(res)
         append_row(cfg.out, {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, **conditions,
                              "key": measurement_key(e.allocation, conditions), **e.source, **res.to_dict(),
@@ -277,7 +278,7 @@ def sweep(cfg: SweepConfig) -> None:
     info = {**{k: getattr(cfg, k) for k in ("model", "corpus", "split", "tokens", "seq_len")}, "bos": _bos(tok)}
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}; rerun the same command to resume"
     start = time.perf_counter()
-    rows = run_sweep(lm, blocks, entries, cfg.out, info, _stage_bars())
+    rows = run_sweep(lm, blocks, entries, cfg.out, info, _stage_bars(), cfg.attention)
     typer.echo("\n".join(comparison_table(rows)))
     typer.echo(f"{len(rows)} configuration(s) in {cfg.out}; this run took {time.perf_counter() - start:.0f} s")
 

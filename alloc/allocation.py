@@ -5,9 +5,13 @@ An allocation is frozen. It knows the model it was made for (``model_id``), its 
 (layers x KV heads), how many query heads share each KV head (GQA), and free-form metadata
 (policy name, budget, source). Its JSON file format carries a format version so files stay readable.
 
-Measures:
-- ``eff_ctx``: the study's Eff.Ctx, sink + mean window over heads (nominal, not capped by position);
-- ``realized_context(T)``: mean over heads and positions t < T of min(t + 1, sink + window);
+An allocation bound to a model (``bound(native)``, done by the resolver and the one door) also knows each
+layer's native sliding window (``native``, 0 = full attention; e.g. Gemma-3's 512 on 15 of 18 layers). The
+keys a head really has are its (sink, window) within that cap (:mod:`models.window`), and every measure
+counts those:
+- ``eff_ctx``: the study's Eff.Ctx, the mean over heads of the keys a head sees once the sequence is long
+  (sink + window; min(window, cap) on a natively sliding layer, whose sinks fall out of the cap);
+- ``realized_context(T)``: mean over heads and positions t < T of the keys query t sees;
 - ``kv_bytes(T, head_dim, dtype)``: bytes of K and V the allocation keeps after T tokens.
 """
 
@@ -24,7 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from models import window as win
-from models.attention import FullCache, HardMask, windowed
+from models.attention import FullCache, HardMask, check_family, windowed
 from models.common import HeadkvError, atomic_write
 from models.kv_cache import PerHeadCache
 from models.loading import ModelShape, model_shape
@@ -70,6 +74,7 @@ class Allocation:
     model_id: str = ""
     q_per_kv: int = 1
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    native: tuple[int, ...] = ()  # each layer's native sliding window (0: none); () = no layer is sliding
 
     def __post_init__(self) -> None:
         sink = _int_grid("sink", self.sink, None)
@@ -80,6 +85,10 @@ class Allocation:
             raise AllocationError("every window must be at least 1 (a head always sees its own token)")
         if not isinstance(self.q_per_kv, int) or self.q_per_kv < 1:
             raise AllocationError(f"q_per_kv must be a positive integer, got {self.q_per_kv!r}")
+        native = tuple(self.native or ())
+        if native and (len(native) != len(sink) or not all(isinstance(c, int) and c >= 0 for c in native)):
+            raise AllocationError(f"'native' must hold one non-negative integer per layer, got {list(native)!r}")
+        object.__setattr__(self, "native", native if any(native) else ())
         object.__setattr__(self, "sink", sink)
         object.__setattr__(self, "window", window)
 
@@ -94,7 +103,13 @@ class Allocation:
         return cls(tuple(map(tuple, sink.tolist())), tuple(map(tuple, window.tolist())), **kw)
 
     def with_meta(self, **meta: Any) -> Allocation:
-        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta})
+        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native)
+
+    def bound(self, native: tuple[int, ...]) -> Allocation:
+        """The same allocation on a model whose layers have these native sliding windows (0: none)."""
+        if tuple(native or ()) == self.native:
+            return self
+        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, self.meta, tuple(native or ()))
 
     # ---- views ----------------------------------------------------------------------------------
     @property
@@ -112,20 +127,32 @@ class Allocation:
             torch.tensor(self.window, dtype=torch.long, device=device),
         )
 
+    def caps(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Native caps as a long tensor (layers, KV heads) (0: none), or None when no layer is sliding."""
+        if not self.native:
+            return None
+        return torch.tensor(self.native, dtype=torch.long, device=device).view(-1, 1).expand(*self.shape)
+
+    def effective(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(sink, window, cap) with nothing held in vain under the native caps (:func:`models.window.native`)."""
+        cap = self.caps(device)
+        return (*win.native(*self.tensors(device), cap), cap)
+
     # ---- measures -------------------------------------------------------------------------------
     def eff_ctx(self) -> float:
-        """The study's Eff.Ctx: sink + mean window over heads (nominal)."""
+        """The study's Eff.Ctx: mean over heads of sink + window (within the native caps, see above)."""
         s, w = self.tensors()
-        return float((s + w).double().mean())
+        return float(win.steady_context(s, w, self.caps()).double().mean())
 
     def realized_context(self, seq_len: int) -> float:
         s, w = self.tensors()
-        return win.realized_context(seq_len, s.flatten(), w.flatten())
+        cap = self.caps()
+        return win.realized_context(seq_len, s.flatten(), w.flatten(), None if cap is None else cap.flatten())
 
     def kv_tokens(self, seq_len: int) -> int:
         """Key/value slots held over all (layer, KV head) after ``seq_len`` tokens."""
         s, w = self.tensors()
-        return int(win.kept_tokens(seq_len, s, w).sum())
+        return int(win.kept_tokens(seq_len, s, w, self.caps()).sum())
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
         """Bytes of K and V kept after ``seq_len`` tokens (batch 1)."""
@@ -148,6 +175,7 @@ class Allocation:
             "shape": list(self.shape),
             "q_per_kv": self.q_per_kv,
             "meta": self.meta,
+            **({"native": list(self.native)} if self.native else {}),
             "sink": [list(r) for r in self.sink],
             "window": [list(r) for r in self.window],
         }
@@ -177,7 +205,11 @@ class Allocation:
             raise AllocationError(f"'shape' must be [layers, kv_heads], got {shape!r}")
         sink = _int_grid("sink", d["sink"], tuple(shape))
         window = _int_grid("window", d["window"], tuple(shape))
-        return cls(sink, window, str(d.get("model_id", "")), d.get("q_per_kv", 1), dict(d.get("meta") or {}))
+        native = d.get("native") or []
+        if not isinstance(native, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in native):
+            raise AllocationError(f"'native' must be a list of per-layer integers, got {native!r}")
+        return cls(sink, window, str(d.get("model_id", "")), d.get("q_per_kv", 1), dict(d.get("meta") or {}),
+                   tuple(native))
 
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
@@ -201,13 +233,21 @@ class Allocation:
 def kv_bytes(allocation: Allocation | None, shape: ModelShape, seq_len: int, dtype: torch.dtype) -> int:
     """K and V bytes held after ``seq_len`` tokens (batch 1) under ``allocation``; None = full attention."""
     if allocation is None:
-        return win.kv_bytes(shape.n_layers * shape.n_kv_heads * seq_len, shape.head_dim, dtype)
-    return allocation.kv_bytes(seq_len, shape.head_dim, dtype)
+        allocation = full_allocation(shape, seq_len)
+    return allocation.bound(shape.native).kv_bytes(seq_len, shape.head_dim, dtype)
+
+
+def full_allocation(shape: ModelShape, seq_len: int) -> Allocation:
+    """Full attention over ``seq_len`` tokens as an allocation (every head: no sink, window T), bound to the
+    model's native caps: what its measures report for the "full" row."""
+    return Allocation.uniform(shape.shape, 0, max(seq_len, 1), q_per_kv=shape.q_per_kv, native=shape.native,
+                              meta={"policy": "full"})
 
 
 @contextmanager
 def applied(
-    model: PreTrainedModel, allocation: Allocation | None, *, evict: bool = False, reindex: bool = False
+    model: PreTrainedModel, allocation: Allocation | None, *, evict: bool = False, reindex: bool = False,
+    backend: str = "dense",
 ) -> Iterator[Any]:
     """The one door: run ``model`` under ``allocation`` inside the block; everything is undone on exit.
 
@@ -215,16 +255,18 @@ def applied(
     cache (the evaluator); yields None. ``evict=True``: yields the cache to pass to the model: the per-head
     evicting cache that holds only each head's sink + window (a ``DynamicCache`` for full attention).
     ``reindex=True``: StreamingLLM's position re-indexing (distances counted inside the cache).
-    ``allocation=None`` is full attention: the model runs untouched.
+    ``allocation=None`` is full attention: the model runs untouched. ``backend``: the masked forward's
+    attention kernel, "dense" (the reference), "flex" (block-sparse) or "auto" (:func:`models.attention.windowed`).
     """
     if allocation is None:
         if reindex:
             raise AllocationError("full attention holds every token: there is nothing to re-index")
         yield DynamicCache(config=model.config) if evict else None
         return
+    check_family(model.config)
     shape = model_shape(model)
     allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
-    sink, window = allocation.tensors(model.device)
-    cache = PerHeadCache(sink, window, reindex=reindex) if evict else None
-    with windowed(model, HardMask(sink, window), cache if evict else FullCache(reindex)):
+    sink, window, cap = allocation.bound(shape.native).effective(model.device)
+    cache = PerHeadCache(sink, window, cap, reindex=reindex) if evict else None
+    with windowed(model, HardMask(sink, window, cap), cache if evict else FullCache(reindex), backend):
         yield cache

@@ -45,6 +45,8 @@ DTYPE = "float32 (CPU default), bfloat16 (GPU default) or float16."
 POLICY = "Policy name, e.g. B_streaming_128, A_window_64 or full. Repeatable."
 ALLOCATION = "Allocation JSON file (fixed, learned or quantized). Repeatable."
 PROFILE = "Head profile JSON from `headkv classify`, for the G/I/J/K families."
+ATTENTION = ("Attention kernel of masked forwards: auto (FlexAttention block mask from 1024 tokens on, else dense), "
+             "flex, or dense (SDPA plus a bias: the reference).")
 CONFIG = "YAML file with any of these options; flags override it."
 
 
@@ -63,6 +65,7 @@ class EvaluateConfig:
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
     out: str = opt("results/evaluate.jsonl", "Results file; one JSON line is appended per evaluation.")
     mode: str = opt("masked", "masked (blocks, masked forward) or streaming (one stream through the real evicting cache).", choices=("masked", "streaming"))
+    attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
     reindex: bool = opt(False, "Streaming: StreamingLLM position re-indexing.")
     chunk: int = opt(1, "Streaming: tokens per forward (1 = token by token; any chunk computes the same).", lo=1, hi=MAX_TOKENS)
     segment: int = opt(2048, "Streaming: report PPL per segment of this many tokens.", lo=1, hi=MAX_TOKENS)
@@ -108,6 +111,7 @@ class SweepConfig:
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
     out: str = opt("results/ablation.jsonl", "Results JSONL (resumable).")
     grid: dict = opt({"full": None}, "Policy-name templates and their values (YAML only).")
+    attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
     allocation: list[str] = opt([], "Allocation JSON file to add to the grid's rows. Repeatable.")
 
 
@@ -217,6 +221,8 @@ class TrainConfig:
     log_every: int = opt(5, "Steps between logged metrics.")
     ckpt_every: int = opt(25, "Steps between checkpoints.")
     dtype: str = opt("float32", "The frozen model's dtype: float32, bfloat16 or float16 (gates: float32).")
+    attention: str = opt("auto", ATTENTION + " Training on CPU always takes the dense soft bias (flex has no "
+                         "backward there).", choices=("auto", "flex", "dense"))
     precision: str = opt("32-true", "Lightning precision, e.g. 32-true or bf16-mixed.")
     accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu or auto.")
     devices: int = opt(1, "Processes/devices (2 on CPU = DDP over gloo).")
@@ -260,6 +266,7 @@ class TrainConfig:
             "objective": ("kl", "ce"),
             "wandb_mode": ("auto", "online", "offline", "disabled"),
             "dtype": ("float32", "bfloat16", "float16"),
+            "attention": ("auto", "flex", "dense"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation, applied, kv_bytes
+from alloc.allocation import Allocation, applied, full_allocation, kv_bytes
 from alloc.bootstrap import ppl_interval
+from models import scoring
 from models.loading import model_shape
 
 N_BOOT = 2000
@@ -59,14 +59,16 @@ def paired_log_ppl_diff(
     return paired_log_ppl_interval(ga, gb, seed)
 
 
-def _block_stats(logits: torch.Tensor, block: torch.Tensor, chunk: int) -> tuple[list, list, int]:
-    """Per-chunk NLL sums and token counts for one block, plus its number of correct top-1 guesses."""
-    pred, target = logits[0, :-1].float(), block[1:]  # (T-1, V), (T-1,)
-    nll = F.cross_entropy(pred, target, reduction="none").double()  # (T-1,)
-    correct = int((pred.argmax(-1) == target).sum())
+def _block_stats(
+    model: PreTrainedModel, hidden: torch.Tensor, block: torch.Tensor, chunk: int
+) -> tuple[list, list, int]:
+    """Per-chunk NLL sums and token counts for one block, plus its number of correct top-1 guesses, from
+    the block's final hidden states (1, T, H) (logits a few hundred tokens at a time, never (T, V))."""
+    nll, correct = scoring.chunked_nll(model, hidden, block.unsqueeze(0))  # (1, T-1) float64, (1,)
+    nll = nll[0]
     sums = [float(c.sum()) for c in nll.split(chunk)]
     counts = [len(c) for c in nll.split(chunk)]
-    return sums, counts, correct
+    return sums, counts, int(correct.sum())
 
 
 @torch.no_grad()
@@ -78,18 +80,21 @@ def evaluate(
     name: str | None = None,
     chunk: int = 128,
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "dense",
 ) -> EvalResult:
-    """Score ``blocks`` (N, T) under ``allocation`` (None = full attention)."""
+    """Score ``blocks`` (N, T) under ``allocation`` (None = full attention: the stock model). ``backend``:
+    the masked forward's attention kernel (:func:`alloc.allocation.applied`); results agree to float
+    tolerance, so it is not part of a measurement's key."""
     start = time.perf_counter()
     n_blocks, seq_len = blocks.shape
     sums: list[float] = []
     counts: list[int] = []
     correct = 0
-    with applied(model, allocation):
+    with applied(model, allocation, backend=backend):
         for i, block in enumerate(blocks):
             block = block.to(model.device)
-            logits = model(block.unsqueeze(0)).logits  # (1, T, V)
-            s, c, k = _block_stats(logits, block, chunk)
+            hidden = scoring.hidden(model, block.unsqueeze(0))  # (1, T, H)
+            s, c, k = _block_stats(model, hidden, block, chunk)
             sums.extend(s)
             counts.extend(c)
             correct += k
@@ -98,10 +103,9 @@ def evaluate(
     nll, cnt = np.asarray(sums), np.asarray(counts, dtype=np.float64)
     lo, hi = ppl_interval({"chunk_nll": nll, "chunk_tokens": cnt, "n_blocks": n_blocks})
     shape = model_shape(model)
-    if allocation is not None:
-        eff, real, label = allocation.eff_ctx(), allocation.realized_context(seq_len), name or allocation.name
-    else:
-        eff, real, label = float(seq_len), (seq_len + 1) / 2, name or "full"
+    measured = (allocation or full_allocation(shape, seq_len)).bound(shape.native)  # within native caps
+    eff, real = measured.eff_ctx(), measured.realized_context(seq_len)
+    label = name or (allocation.name if allocation is not None else "full")
     return EvalResult(
         name=label,
         ppl=math.exp(nll.sum() / cnt.sum()),

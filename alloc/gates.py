@@ -4,8 +4,11 @@ Parameterization (budget by construction): every (layer, KV head) has a free log
 
     w = 1 + (cap - 1) * sigmoid(z + b)
 
-where ``cap`` is the training sequence length and the scalar shift ``b`` is solved (bisection, float64)
-so that the mean window is exactly ``budget - sink``. So at every step the mean Eff.Ctx (sink + mean
+where ``cap`` is the training sequence length, or a layer's native sliding window where the model has one
+(a window beyond it buys nothing), and the scalar shift ``b`` is solved (bisection, float64) so that the
+mean Eff.Ctx is exactly the budget: sink + window on full-attention layers, the window alone on natively
+sliding ones (their sinks fall out of the native window, :mod:`models.window`), so no budget is spent on
+keys a layer never sees. So at every step the mean Eff.Ctx (sink + mean
 window) equals the budget, every window lies in [1, cap], and ``z = 0`` (the start) is StreamingLLM
 (every head gets ``budget - sink``). Gradients flow through ``b`` by the implicit-function theorem
 (``db/dz_i = -s'_i / sum_j s'_j``), so an update can only move window from one head to another. Exporting
@@ -48,41 +51,46 @@ def check_budget(budget: float, sink: int, cap: int) -> None:
         )
 
 
-def solve_shift(z: torch.Tensor, mean_window: float, cap: int, iters: int = 100) -> torch.Tensor:
-    """The scalar b with mean(1 + (cap - 1) * sigmoid(z + b)) == mean_window (bisection in float64)."""
+def solve_shift(z: torch.Tensor, mean_window: float, cap: int | torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """The scalar b with mean(1 + (cap - 1) * sigmoid(z + b)) == mean_window (bisection in float64);
+    ``cap`` is an int or a tensor shaped like z (each head's largest window)."""
+    span = (torch.as_tensor(cap, dtype=torch.float64, device=z.device) - 1).expand(z.shape).flatten()
     z = z.detach().double().flatten()
-    target = (mean_window - 1.0) / (cap - 1)  # mean sigmoid we need, in [0, 1]
+    target = mean_window - 1.0  # mean of span * sigmoid we need, in [0, mean(span)]
     if target <= 0.0:
         return torch.tensor(-1e4, dtype=torch.float64)
-    if target >= 1.0:
+    if target >= float(span.mean()):
         return torch.tensor(1e4, dtype=torch.float64)
     lo, hi = -float(z.max()) - 60.0, -float(z.min()) + 60.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if float(torch.sigmoid(z + mid).mean()) < target:
+        if float((span * torch.sigmoid(z + mid)).mean()) < target:
             lo = mid
         else:
             hi = mid
     return torch.tensor(0.5 * (lo + hi), dtype=torch.float64)
 
 
-def budget_windows(z: torch.Tensor, mean_window: float, cap: int) -> torch.Tensor:
-    """Float windows (same shape as z) with the exact mean ``mean_window``, differentiable in z."""
-    b_star = solve_shift(z, mean_window, cap).to(z.device)
+def budget_windows(z: torch.Tensor, mean_window: float, cap: int | torch.Tensor) -> torch.Tensor:
+    """Float windows (same shape as z, each in [1, cap]) with the exact mean ``mean_window``,
+    differentiable in z; ``cap`` an int or a tensor shaped like z."""
+    span = torch.as_tensor(cap, dtype=torch.float64, device=z.device).expand(z.shape) - 1
+    b_star = solve_shift(z, mean_window, span + 1).to(z.device)
     zd = z.double()
     with torch.no_grad():
         s = torch.sigmoid(zd + b_star)
-        slope = s * (1 - s)  # d sigmoid / d(z + b), (L, H)
+        slope = span * s * (1 - s)  # d window / d(z + b), (L, H)
     # value b*, gradient -sum_j slope_j dz_j / sum_j slope_j (implicit function theorem)
     b = b_star - (slope * (zd - zd.detach())).sum() / slope.sum().clamp_min(1e-300)
-    w = 1.0 + (cap - 1) * torch.sigmoid(zd + b)
+    w = 1.0 + span * torch.sigmoid(zd + b)
     return w.to(z.dtype)
 
 
-def round_to_budget(windows: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+def round_to_budget(windows: torch.Tensor, total: int, cap: int | torch.Tensor) -> torch.Tensor:
     """Integer windows in [1, cap] summing to ``total`` (<= windows.sum()): floor, then +1 to the largest
-    fractional parts."""
-    w = windows.detach().double().clamp(1, cap)
+    fractional parts. ``cap``: an int or a tensor shaped like the windows."""
+    cap = torch.as_tensor(cap, dtype=torch.float64).expand(windows.shape)
+    w = torch.minimum(windows.detach().double().clamp(min=1), cap)
     base = w.floor()
     need = total - int(base.sum())
     if need < 0 or need > int((base < cap).sum()):
@@ -100,38 +108,59 @@ class SoftMask:
     sink: torch.Tensor  # (L, H) long
     window: torch.Tensor  # (L, H) float, may require grad
     tau: float
+    cap: torch.Tensor | None = None  # (L, H) long native windows (0: none), or None
 
     def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return win.soft_bias(q_pos, k_pos, self.sink[layer], self.window[layer], self.tau)  # (H, Q, K)
+        cap = None if self.cap is None else self.cap[layer]
+        return win.soft_bias(q_pos, k_pos, self.sink[layer], self.window[layer], self.tau, cap)  # (H, Q, K)
 
 
 class WindowGates(nn.Module):
     """One learnable window per (layer, KV head), sinks fixed, mean Eff.Ctx == budget by construction."""
 
-    def __init__(self, shape: tuple[int, int], budget: float, seq_len: int, sink: int = 4) -> None:
+    def __init__(
+        self, shape: tuple[int, int], budget: float, seq_len: int, sink: int = 4, native: tuple[int, ...] = ()
+    ) -> None:
         super().__init__()
         if sink < 0:
             raise GateError(f"sink must be >= 0, got {sink}")
-        check_budget(budget, sink, seq_len)
         self.shape = tuple(shape)
         self.budget = float(budget)
         self.seq_len = int(seq_len)
         self.sink_count = int(sink)
+        self.native = tuple(native or ())
+        caps = torch.tensor(self.native or (0,) * shape[0], dtype=torch.long).view(-1, 1).expand(shape)
         self.logits = nn.Parameter(torch.zeros(shape))  # uniform start = StreamingLLM
         self.register_buffer("sink", torch.full(shape, sink, dtype=torch.long), persistent=False)
+        self.register_buffer("cap", caps.clone(), persistent=False)  # native windows, 0 = none
+        # each head's largest useful window, and the sinks the budget counts (none on a sliding layer)
+        self.register_buffer("max_window", torch.where(caps > 0, caps.clamp(max=seq_len), seq_len),
+                             persistent=False)
+        self.counted_sink = float(torch.where(caps > 0, 0, sink).double().mean())
+        self._check(self.budget)
+
+    def _check(self, budget: float) -> None:
+        ceiling = torch.where(self.cap > 0, self.max_window, self.seq_len).double().mean()  # keys <= T
+        top = min(self.counted_sink + float(self.max_window.double().mean()), float(ceiling))
+        if not math.isfinite(budget) or budget < self.counted_sink + 1 or budget > top + 1e-9:
+            raise GateError(
+                f"budget {budget:g} is infeasible: with sink {self.sink_count} and sequence length "
+                f"{self.seq_len}{' (within the native windows)' if self.native else ''} it must lie in "
+                f"[{self.counted_sink + 1:g}, {top:g}]"
+            )
 
     def windows(self, budget: float | None = None) -> torch.Tensor:
-        """Float windows (L, H) in [1, seq_len], mean = budget - sink; differentiable in the logits."""
+        """Float windows (L, H) in [1, max_window], mean Eff.Ctx = budget; differentiable in the logits."""
         budget = self.budget if budget is None else float(budget)
-        check_budget(budget, self.sink_count, self.seq_len)
-        return budget_windows(self.logits, budget - self.sink_count, self.seq_len)
+        self._check(budget)
+        return budget_windows(self.logits, budget - self.counted_sink, self.max_window)
 
     def eff_ctx(self) -> float:
-        return float(self.sink.double().mean() + self.windows().detach().double().mean())
+        return self.counted_sink + float(self.windows().detach().double().mean())
 
     def mask(self, tau: float) -> SoftMask:
         """The soft mask at temperature ``tau`` (windows computed once for all layers)."""
-        return SoftMask(self.sink, self.windows(), float(tau))
+        return SoftMask(self.sink, self.windows(), float(tau), self.cap if self.native else None)
 
     def export(
         self, budget: float | None = None, model_id: str = "", q_per_kv: int = 1, **meta: Any
@@ -140,8 +169,8 @@ class WindowGates(nn.Module):
         budget = self.budget if budget is None else float(budget)
         with torch.no_grad():
             w = self.windows(budget).cpu()
-        total = math.floor(w.numel() * (budget - self.sink_count) + 1e-6)
-        windows = round_to_budget(w, total, self.seq_len)
+        total = math.floor(w.numel() * (budget - self.counted_sink) + 1e-6)
+        windows = round_to_budget(w, total, self.max_window.cpu())
         meta = {
             "policy": learned_name(budget, meta.get("objective", "kl")),
             "budget": budget,
@@ -150,7 +179,7 @@ class WindowGates(nn.Module):
             **meta,
         }
         return Allocation.from_tensors(
-            self.sink.cpu(), windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta
+            self.sink.cpu(), windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta, native=self.native
         )
 
 

@@ -26,6 +26,7 @@ class PolicyContext:
     q_per_kv: int = 1
     model_id: str = ""
     profile: Any = None  # classify.profile.HeadProfile, for the families that need one
+    native: tuple[int, ...] = ()  # the model's native sliding windows per layer (ModelShape.native)
 
 
 Builder = Callable[[PolicyContext, dict[str, float]], Allocation]
@@ -173,11 +174,12 @@ def resolve(ctx: PolicyContext, names: list[str], files: list[str]) -> list[Entr
     runs. Labels are for display only (results are keyed by content) and are made unique here."""
     from alloc.results import file_hash
 
-    entries = [Entry(n, None, {"policy": "full"}) if n == "full" else Entry(n, build(n, ctx), {"policy": n})
-               for n in names]
+    entries = [Entry(n, None, {"policy": "full"}) if n == "full"
+               else Entry(n, build(n, ctx).bound(ctx.native), {"policy": n}) for n in names]
     for f in files:
         alloc = Allocation.load(f)
         alloc.check_model(ctx.model_id, ctx.shape, ctx.q_per_kv)
+        alloc = alloc.bound(ctx.native)
         label = str(alloc.meta.get("policy") or Path(f).stem)
         entries.append(Entry(label, alloc, {"file": str(f), "file_sha256": file_hash(f)}))
     labels = unique_labels([e.label for e in entries], [e.source.get("file") for e in entries])

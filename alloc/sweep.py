@@ -61,6 +61,7 @@ def run_sweep(
     out: str | Path,
     info: dict[str, Any],
     progress: Callable[[str, int, int], None] | None = None,
+    backend: str = "dense",
 ) -> list[dict[str, Any]]:
     """Evaluate every entry not yet in ``out`` (by measurement key); return this sweep's rows (old and new)
     in ``entries`` order, labelled as this run labels them."""
@@ -76,7 +77,7 @@ def run_sweep(
             if (key, origin(e.source)) not in named:
                 append_row(out, {**done[key], "name": e.label, "family": family_of(e.label), **e.source})
             continue
-        res = evaluate(model, e.allocation, blocks, name=e.label,
+        res = evaluate(model, e.allocation, blocks, name=e.label, backend=backend,
                        progress=(lambda i, n, _name=e.label: progress(_name, i, n)) if progress else None)
         row = {"kind": "sweep", "key": key, "family": family_of(e.label),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

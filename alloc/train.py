@@ -23,18 +23,19 @@ import os
 import pickle
 import secrets
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alloc.allocation import Allocation
 from alloc.config import TrainConfig, TrainError
 from alloc.gates import WindowGates
-from models.attention import windowed
+from models import scoring
+from models.attention import is_clean, windowed
 from models.loading import model_shape
 
 log = logging.getLogger(__name__)
@@ -60,19 +61,61 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.lr_end_frac + (1 - cfg.lr_end_frac) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+# The student's decoder layers are recomputed in the backward when the attention scores they would keep,
+# estimated as layers x query heads x B x T^2 x 4 bytes, pass this (see distill_loss).
+CHECKPOINT_ABOVE = 2 * 2**30
+
+
 def distill_loss(
-    lm: Any, gates: WindowGates, tokens: torch.Tensor, tau: float, objective: str = "kl"
+    lm: Any,
+    gates: WindowGates,
+    tokens: torch.Tensor,
+    tau: float,
+    objective: str = "kl",
+    checkpoint: bool | None = None,
+    backend: str = "dense",
 ) -> torch.Tensor:
-    """Mean per-token loss of the gated model on ``tokens`` (B, T); gradients reach the gates only."""
+    """Mean per-token loss of the gated model on ``tokens`` (B, T); gradients reach the gates only.
+
+    Teacher and student are kept as final hidden states; their logits exist ``scoring.CHUNK`` tokens at a
+    time, forward and backward (:mod:`models.scoring`), never (B, T, vocab). ``checkpoint`` recomputes each
+    decoder layer of the student in the backward instead of keeping its soft-masked attention scores and
+    bias (heads x T x T per layer), re-entering ``windowed`` there: about 1.3x the step time, and the step's
+    memory no longer grows with T^2 x layers. Default (None): on when those scores would pass
+    ``CHECKPOINT_ABOVE`` (SmolLM2-135M: from 2048 tokens at batch 1; 1024 tokens fit in 6 GB without).
+    ``backend``: the student's attention kernel (:func:`models.attention.windowed`); "auto"/"flex" take
+    FlexAttention with the soft window as a score_mod on CUDA, the dense soft bias on CPU (no backward there).
+    """
     if objective == "kl":
         with torch.no_grad():  # the teacher: the same frozen model, full attention
-            teacher = F.log_softmax(lm(tokens).logits.float(), dim=-1)  # (B, T, V)
-    with windowed(lm, gates.mask(tau)):
-        logits = lm(tokens).logits.float()  # (B, T, V)
+            teacher = scoring.hidden(lm, tokens)  # (B, T, H)
+    masks = gates.mask(tau)
+    remat = _kept_scores(lm, tokens) > CHECKPOINT_ABOVE if checkpoint is None else checkpoint
+    layers = scoring.checkpointed_layers(lm, lambda: _rewindowed(lm, masks, backend)) if remat else nullcontext()
+    with windowed(lm, masks, backend=backend), layers:
+        student = scoring.hidden(lm, tokens)  # (B, T, H)
     if objective == "ce":
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    student = F.log_softmax(logits, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="sum") / (tokens.shape[0] * tokens.shape[1])
+        return scoring.chunked_ce(lm, student, tokens)
+    return scoring.chunked_kl(lm, student, teacher) / (tokens.shape[0] * tokens.shape[1])
+
+
+def _kept_scores(lm: Any, tokens: torch.Tensor) -> int:
+    """Bytes of attention scores a student forward keeps for its backward: layers x heads x B x T^2 x 4."""
+    shape = model_shape(lm)
+    b, t = tokens.shape
+    return shape.n_layers * shape.n_kv_heads * shape.q_per_kv * b * t * t * 4
+
+
+@contextmanager
+def _rewindowed(lm: Any, masks: Any, backend: str = "dense") -> Iterator[None]:
+    """A checkpointed student layer's recompute: under the same soft mask. The backward usually runs after
+    ``windowed`` has exited (Lightning calls it), so it is re-entered for the recompute; inside it (a
+    backward within the block) nothing changes."""
+    if is_clean(lm):
+        with windowed(lm, masks, backend=backend):
+            yield
+    else:
+        yield
 
 
 class _Blocks(Dataset):
@@ -146,7 +189,7 @@ class GateModule(L.LightningModule):
         shape = model_shape(lm)
         self.cfg, self.run_id, self.model_shape = cfg, run_id, shape
         object.__setattr__(self, "lm", lm)  # not a submodule: never checkpointed, never wrapped by DDP
-        self.gates = WindowGates(shape.shape, float(cfg.budget), cfg.seq_len, cfg.sink)
+        self.gates = WindowGates(shape.shape, float(cfg.budget), cfg.seq_len, cfg.sink, shape.native)
         self.val_blocks = val_blocks
         self.history: list[dict[str, float]] = []
 
@@ -157,7 +200,7 @@ class GateModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         tau = tau_at(self.cfg, self.global_step)
-        loss = distill_loss(self.lm, self.gates, batch, tau, self.cfg.objective)
+        loss = distill_loss(self.lm, self.gates, batch, tau, self.cfg.objective, backend=self.cfg.attention)
         eff = self.gates.eff_ctx()
         self.log_dict(
             {
@@ -238,6 +281,7 @@ def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
         "model_id": str(shape.model_id),
         "shape": [int(n) for n in shape.shape],
         "q_per_kv": int(shape.q_per_kv),
+        "native": [int(c) for c in getattr(shape, "native", ())],
     }
 
 
@@ -363,6 +407,11 @@ def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, to
         bad.append("gates.logits")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         bad.append("global_step")
+    native = meta.get("native", [])
+    if not (isinstance(native, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                             for c in native)
+            and (not native or "shape" in bad or len(native) == shape[0])):
+        bad.append("native")
     if bad:
         raise TrainError(f"{path}: checkpoint has a malformed {', '.join(bad)}")
     try:
@@ -428,7 +477,8 @@ def export_checkpoint(path: str | Path, budget: float | None = None, model_shape
         check_same_model(meta, model_shape_)
     cfg = TrainConfig.from_dict(meta["config"])
     budget = float(cfg.budget if budget is None else budget)
-    gates = WindowGates(tuple(meta["shape"]), float(cfg.budget), cfg.seq_len, cfg.sink)
+    native = tuple(int(c) for c in meta.get("native") or ())
+    gates = WindowGates(tuple(meta["shape"]), float(cfg.budget), cfg.seq_len, cfg.sink, native)
     gates.load_state_dict({"logits": state["gates.logits"]})
     return gates.export(
         budget,

@@ -61,13 +61,45 @@ class PositionSource(Protocol):
 
 
 class HardMask:
-    """The hard mask of per-(layer, KV head) sink and window counts (long tensors (layers, KV heads))."""
+    """The hard mask of per-(layer, KV head) sink and window counts (long tensors (layers, KV heads)), within
+    each layer's native cap (long (layers, KV heads), 0 = none; see :mod:`models.window`)."""
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor) -> None:
-        self.sink, self.window = sink, window
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None) -> None:
+        self.sink, self.window, self.cap = sink, window, cap
 
     def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return win.hard_bias(q_pos, k_pos, self.sink[layer], self.window[layer], torch.float32)
+        cap = None if self.cap is None else self.cap[layer]
+        return win.hard_bias(q_pos, k_pos, self.sink[layer], self.window[layer], torch.float32, cap)
+
+
+# decoder families whose attention runs through transformers' attention interface with the standard
+# (query, key, value, mask) contract, tested in tests/test_families.py; anything else is refused
+FAMILIES = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+
+
+def check_family(config) -> None:
+    """Refuse, in one line and before any compute, a model family the patch does not serve."""
+    family = getattr(config, "model_type", "?")
+    if family not in FAMILIES:
+        raise HeadkvError(
+            f"model family '{family}' is not supported by headkv's attention patch "
+            f"(supported: {', '.join(FAMILIES)})"
+        )
+    types = getattr(config, "layer_types", None)
+    unknown = sorted({t for t in types or () if t not in ("full_attention", "sliding_attention")})
+    if unknown:
+        raise HeadkvError(f"model family '{family}' has layer types headkv does not serve: {', '.join(unknown)}")
+
+
+def native_caps(config) -> tuple[int, ...]:
+    """Each layer's native sliding window (0: full attention), exactly as transformers' mask functions apply
+    it: ``layer_types`` names the sliding layers (Gemma-2/3, Qwen2/3); without it a set ``sliding_window``
+    applies to every layer (Mistral, Phi-3)."""
+    n_layers, window = config.num_hidden_layers, getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return tuple(int(window) if t == "sliding_attention" else 0 for t in types[:n_layers])
+    return (int(window),) * n_layers
 
 
 class FullCache:
@@ -95,18 +127,28 @@ class Rotary:
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
-        found = [m for m in model.modules()
-                 if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq")]
+        found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
         if not found:
             raise HeadkvError("position re-indexing needs a model with rotary position embeddings")
-        if getattr(found[0], "rope_type", "default") in ("dynamic", "longrope"):
-            raise HeadkvError(f"position re-indexing does not support rope_type '{found[0].rope_type}'")
-        self.inv_freq = found[0].inv_freq.double()  # (F,)
-        self.dim = 2 * self.inv_freq.numel()
+        rope, types = found[0], getattr(model.config, "layer_types", None)
+        if hasattr(rope, "inv_freq"):  # one rotary embedding for every layer
+            kinds = {"": getattr(rope, "rope_type", "default")}
+            freqs = {"": rope.inv_freq}
+            self.kind_of = lambda layer: ""  # noqa: E731
+        else:  # one per layer type (Gemma-3: local and global bases)
+            kinds = dict(getattr(rope, "rope_type", {}))
+            freqs = {t: getattr(rope, f"{t}_inv_freq") for t in kinds}
+            self.kind_of = lambda layer: types[layer]  # noqa: E731
+        for kind in kinds.values():
+            if kind in ("dynamic", "longrope"):
+                raise HeadkvError(f"position re-indexing does not support rope_type '{kind}'")
+        self.freqs = {k: f.double() for k, f in freqs.items()}  # (F,) each
+        self.dim = 2 * next(iter(self.freqs.values())).numel()
 
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, H, Q, D) by ``delta`` (H, Q) positions."""
-        angle = delta.to(self.inv_freq.device, torch.float64).unsqueeze(-1) * self.inv_freq  # (H, Q, F)
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """Rotate x (B, H, Q, D) of ``layer`` by ``delta`` (H, Q) positions."""
+        inv_freq = self.freqs[self.kind_of(layer)]
+        angle = delta.to(inv_freq.device, torch.float64).unsqueeze(-1) * inv_freq  # (H, Q, F)
         cos = torch.cat([angle.cos(), angle.cos()], -1).to(x.device, x.dtype)  # (H, Q, dim)
         sin = torch.cat([angle.sin(), angle.sin()], -1).to(x.device, x.dtype)
         rot, rest = x[..., : self.dim], x[..., self.dim :]
@@ -114,11 +156,17 @@ class Rotary:
         return torch.cat([rot * cos + half * sin, rest], -1)
 
 
+BACKENDS = ("auto", "flex", "dense")
+FLEX_MIN_QUERIES = 1024  # "auto" takes the block-sparse path from this many queries per forward on
+
+
 @dataclass
 class _State:
     masks: MaskProvider
     positions: PositionSource
     rotary: Rotary | None = None
+    backend: str = "dense"
+    padding: bool = False  # this forward's batch is padded (the block-sparse path then steps aside)
     # a padded batch over a full cache: (the mask _mask returned, q_pos (B, Q), k_pos (B, K)) of this forward
     padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -141,7 +189,7 @@ def _reindexed(state: _State, layer: int, query, key, q_pos, k_pos, scaling):
     cap = sink + window - 1  # in-cache position of a query whose head holds all it may
     q = q_pos.unsqueeze(-2)  # (1, Q), or (B, 1, Q) per sequence (a padded batch)
     delta = torch.minimum(q, cap.view(-1, 1)) - q  # ((B,) Hkv, Q), <= 0
-    q_sink = state.rotary.rotate(query, delta.repeat_interleave(query.shape[1] // n_kv, dim=-2))
+    q_sink = state.rotary.rotate(query, delta.repeat_interleave(query.shape[1] // n_kv, dim=-2), layer)
     if q_pos.dim() == 2:  # per sequence: keys (B, K) or (B, Hkv, K)
         kp = k_pos.unsqueeze(1) if k_pos.dim() == 2 else k_pos
     else:
@@ -153,16 +201,22 @@ def _reindexed(state: _State, layer: int, query, key, q_pos, k_pos, scaling):
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA plus the per-head bias of the model's active mask provider."""
+    """SDPA plus the per-head bias of the model's active mask provider (attention logit soft-capping, which
+    SDPA lacks, takes the explicit path of :func:`_gqa_attention`)."""
     state = _ACTIVE.get(id(module.config))
-    if state is None:  # a model switched to this implementation outside windowed(): plain SDPA
+    softcap = kwargs.pop("softcap", None)
+    if state is None:  # a model switched to this implementation outside windowed(): plain attention
+        if softcap is not None:
+            return _gqa_attention(query, key, value, None, attention_mask, dropout, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
     quick = getattr(state.positions, "decode_bias", None)
     if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
         # an evicting cache after a one-token write holds exactly the keys this query may see: only its
-        # padding needs masking (None: no mask at all, so SDPA can take its fastest kernel)
+        # empty slots need masking (None: no mask at all, so SDPA can take its fastest kernel)
         bias = quick(module.layer_idx, k_len)  # ((B,) Hkv, 1, K) or None
+        if softcap is not None:
+            return _gqa_attention(query, key, value, bias, None, dropout, scaling, softcap), None
         if bias is not None:
             bias = bias.repeat_interleave(query.shape[1] // bias.shape[-3], dim=-3).to(query.dtype)
             if bias.dim() == 4:  # per sequence (a padded batch): a padding query may see nothing, not NaN
@@ -175,17 +229,21 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         q_pos, k_pos = state.padded[1:]  # (B, Q), (B, K): each sequence's own positions
     else:
         q_pos, k_pos = state.positions.positions(module.layer_idx, q_len, k_len)
+    q_pos, k_pos = q_pos.to(query.device), k_pos.to(query.device)
+    if _block_sparse(state, query):
+        return _flex_attention(state, module.layer_idx, query, key, value, scaling, softcap), None
     # (Hkv, Q, K), or (B, Hkv, Q, K) for per-sequence positions
-    bias = state.masks.bias(module.layer_idx, q_pos.to(query.device), k_pos.to(query.device))
-    if bias.requires_grad and state.rotary is None:  # learnable gates: the training path
-        return _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling), None
+    bias = state.masks.bias(module.layer_idx, q_pos, k_pos)
+    if state.rotary is not None:
+        query, key, scaling = _reindexed(state, module.layer_idx, query, key, q_pos, k_pos, scaling)
+    # transformers' causal/padding mask for the same keys (bypassed for an evicting cache: see _mask)
+    if getattr(state.positions, "evicting", False):
+        attention_mask = None
+    if softcap is not None or (bias.requires_grad and state.rotary is None):  # soft-capping; learnable gates
+        return _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling, softcap), None
     bias = bias.repeat_interleave(query.shape[1] // bias.shape[-3], dim=-3)  # ((B,) Hq, Q, K)
     bias = (bias if bias.dim() == 4 else bias.unsqueeze(0)).to(query.dtype)  # (1 | B, Hq, Q, K)
-    if state.rotary is not None:
-        query, key, scaling = _reindexed(state, module.layer_idx, query, key, q_pos.to(query.device),
-                                         k_pos.to(query.device), scaling)
-    # transformers' causal/padding mask for the same keys (bypassed for an evicting cache: see _mask)
-    if attention_mask is not None and not getattr(state.positions, "evicting", False):
+    if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             bias = bias.masked_fill(~attention_mask, float("-inf"))
         else:
@@ -195,6 +253,39 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return sdpa_attention_forward(
         module, query, key, value, bias, dropout, scaling, is_causal=False, **kwargs
     )
+
+
+def _block_sparse(state: _State, query: torch.Tensor) -> bool:
+    """Whether this call takes the FlexAttention path: asked for ("flex", or "auto" from
+    FLEX_MIN_QUERIES queries on), a full-cache forward without padding or re-indexing (the queries are the
+    last Q of the keys), and a kernel that runs here (soft gates that need a gradient: CUDA only)."""
+    if state.backend == "dense" or (state.backend == "auto" and query.shape[2] < FLEX_MIN_QUERIES):
+        return False
+    if state.rotary is not None or state.padding or not isinstance(state.positions, FullCache):
+        return False
+    masks = state.masks
+    if not isinstance(masks, HardMask):
+        window = getattr(masks, "window", None)
+        if window is None or not hasattr(masks, "tau"):
+            return False
+        if window.requires_grad and torch.is_grad_enabled() and query.device.type != "cuda":
+            return False  # FlexAttention has no backward on CPU: the dense soft bias trains there
+    from models import flex
+
+    return flex.available(query.device, query.shape[-1], query.dtype)
+
+
+def _flex_attention(state: _State, layer: int, query, key, value, scaling, softcap) -> torch.Tensor:
+    """The allocation's keys (and the native cap) as a FlexAttention block mask (:mod:`models.flex`)."""
+    from models import flex
+
+    masks = state.masks
+    cap = None if getattr(masks, "cap", None) is None else masks.cap[layer]
+    if isinstance(masks, HardMask):
+        return flex.hard_attention(query, key, value, masks.sink[layer], masks.window[layer], cap, scaling,
+                                   softcap)
+    return flex.soft_attention(query, key, value, masks.sink[layer], masks.window[layer], masks.tau, cap,
+                               scaling, softcap)
 
 
 class _AddHeadBias(torch.autograd.Function):
@@ -218,28 +309,36 @@ class _AddHeadBias(torch.autograd.Function):
         return grad, g
 
 
-def _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling) -> torch.Tensor:
-    """Attention with a per-KV-head bias that requires grad (learnable gates), for training.
+def _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling, softcap=None) -> torch.Tensor:
+    """Explicit attention with a per-KV-head bias, for learnable gates (training) and for models that
+    soft-cap their attention logits (Gemma-2), which SDPA cannot do.
 
     SDPA needs the bias repeated to every query head (and, with a float bias that requires grad, runs its
     math kernel anyway); here the query heads of one KV head are a broadcast dimension instead, so neither
     the bias nor the keys and values are repeated, and :class:`_AddHeadBias` sums the bias gradient over
-    those query heads. Same result as ``sdpa_attention_forward`` with the repeated bias, in the model's
-    dtype; returns (B, Q, Hq, D) like it. On CUDA this also avoids the memory-efficient SDPA kernel, whose
-    backward fails with a float bias that requires grad ("LSE is not correctly aligned", torch 2.11).
+    those query heads. ``bias``: (Hkv, Q, K), ((B,) Hkv, Q, K) or None. ``softcap``: scores become
+    ``softcap * tanh(scores / softcap)`` before any mask, as the models' eager attention does. Same result
+    as ``sdpa_attention_forward`` with the repeated bias, in the model's dtype; returns (B, Q, Hq, D) like
+    it. On CUDA this also avoids the memory-efficient SDPA kernel, whose backward fails with a float bias
+    that requires grad ("LSE is not correctly aligned", torch 2.11).
     """
     b, n_q, q_len, dim = query.shape
-    n_kv = key.shape[1]
+    n_kv, k_len = key.shape[1], key.shape[2]
     scale = scaling if scaling is not None else dim**-0.5
-    bias = bias.to(query.dtype).unsqueeze(0)  # (1, Hkv, Q, K)
+    if bias is None:
+        bias = torch.zeros(1, n_kv, q_len, k_len, dtype=query.dtype, device=query.device)
+    bias = bias.to(query.dtype)
+    bias = bias if bias.dim() == 4 else bias.unsqueeze(0)  # (1 | B, Hkv, Q, K)
     if attention_mask is not None:  # transformers' causal/padding mask, shared by all heads
         if attention_mask.dtype == torch.bool:
             bias = bias.masked_fill(~attention_mask, float("-inf"))
         else:
             bias = bias + attention_mask
-        bias = bias.clamp(min=torch.finfo(query.dtype).min)  # a fully padded row: uniform, not NaN
+    bias = bias.clamp(min=torch.finfo(query.dtype).min)  # a fully masked row: uniform, not NaN
     q = (query * scale).view(b, n_kv, n_q // n_kv, q_len, dim)  # (B, Hkv, r, Q, D)
     scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, r, Q, K)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = _AddHeadBias.apply(scores, bias)
     probs = scores.softmax(-1)
     if dropout:
@@ -266,6 +365,7 @@ def _mask(*args, **kwargs):
     mask = sdpa_mask(*args, **kwargs)
     if state is not None:
         state.padded = None
+        state.padding = padding is not None and not bool(padding.all())
         if padding is not None and isinstance(state.masks, HardMask) and not bool(padding.all()):
             kv_offset, kv_length = int(kwargs.get("kv_offset") or 0), kwargs["kv_length"]
             q_offset, q_length = int(kwargs.get("q_offset") or 0), kwargs["q_length"]
@@ -284,12 +384,18 @@ AttentionMaskInterface.register(IMPLEMENTATION, _mask)
 
 @contextmanager
 def windowed(
-    model: PreTrainedModel, masks: MaskProvider, positions: PositionSource | None = None
+    model: PreTrainedModel, masks: MaskProvider, positions: PositionSource | None = None, backend: str = "dense"
 ) -> Iterator[PreTrainedModel]:
     """Apply per-head masks (a :class:`HardMask` or soft gates) to ``model`` inside the block.
 
+    ``backend``: "dense" (SDPA plus a (heads, Q, K) bias: the reference), "flex" (FlexAttention with a block
+    mask built from the allocation, :mod:`models.flex`: nothing of size Q x K is built, and key tiles no head
+    sees are skipped) or "auto" (flex from FLEX_MIN_QUERIES queries per forward on). Flex serves full-cache
+    forwards without padding or re-indexing where its kernel runs, the dense path everything else.
     Callers with an allocation go through :func:`alloc.allocation.applied`, which checks its shape first.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     rotary = None
     if getattr(positions, "reindex", False):
         if not isinstance(masks, HardMask):
@@ -299,7 +405,7 @@ def windowed(
     with _LOCK:
         if key in _ACTIVE or key in _CAPTURE:
             raise RuntimeError("windowed() is already active on this model; nesting is not supported")
-        _ACTIVE[key] = _State(masks, positions or FullCache(), rotary)
+        _ACTIVE[key] = _State(masks, positions or FullCache(), rotary, backend)
         previous = model.config._attn_implementation
         model.config._attn_implementation = IMPLEMENTATION
     try:

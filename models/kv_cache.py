@@ -27,6 +27,12 @@ own ``DynamicCache`` does. A multi-token forward (prefill, or chunked streaming)
 plus all its new keys, then keeps only the survivors, so any chunking gives the same result as
 token-by-token decoding.
 
+Native sliding layers (Gemma-2/3, Mistral, ...): the one door hands the cache each layer's native cap with
+the allocation already cut to it (:func:`models.window.native`), and a head's keys are its (sink, window)
+within the cap. A sink that leaves the cap (the query is ``cap`` or more tokens past it) is emptied (position
+-1, masked) and never refilled: :meth:`PerHeadCache.bytes_held` stops counting it, while its slot stays
+allocated (at most ``sink`` slots per head of such a layer; :meth:`PerHeadCache.bytes_allocated` counts it).
+
 Positions: ``get_seq_length`` counts every column seen (padding included), so ``generate`` slices its inputs
 as for any cache; the cache reports each held key's position to the attention function
 (``positions(layer, q_len, k_len)``), which builds the mask from it. Transformers' causal mask is bypassed
@@ -73,9 +79,13 @@ class HeadLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor) -> None:
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None) -> None:
         super().__init__()
         self.sink, self.window = sink.long(), window.long()  # (Hkv,)
+        # the layer's native cap (Hkv,), None if it has none; sinks that leave it are dropped (see _expire)
+        self.cap = None if cap is None or not bool((cap > 0).any()) else cap.long()
+        self.dead = False  # some held sink left the native cap: its slot is empty (position -1) from then on
+        self.gone = False  # every sink left it: nothing more to expire
         self.full = win.kept_tokens(2**62, self.sink, self.window).tolist()  # each head's count once full
         self.seen = 0  # columns seen, padding included (what ``generate`` slices its inputs by)
         self.filled = 0  # most real tokens one sequence has seen; the layout holds kept_tokens(filled) slots
@@ -98,6 +108,7 @@ class HeadLayer(CacheLayerMixin):
         self.values = value_states.new_empty(b, 0, value_states.shape[-1])
         self.pos = torch.empty(0, dtype=torch.long, device=self.device)
         self.sink, self.window = self.sink.to(self.device), self.window.to(self.device)
+        self.cap = None if self.cap is None else self.cap.to(self.device)
         self.offsets = self.offsets.to(self.device)
         self.is_initialized = True
 
@@ -107,7 +118,7 @@ class HeadLayer(CacheLayerMixin):
         """True when a shorter sequence of a padded batch leaves slots of the layout empty: every head
         holds kept_tokens(filled) slots, a sequence of n real tokens fills kept_tokens(n) of them, and the
         two differ for some head exactly when n < the layer's longest head."""
-        return self.counts is not None and min(self.counts) < max(self.lengths)
+        return self.dead or (self.counts is not None and min(self.counts) < max(self.lengths))
 
     def _diverge(self, batch: int) -> None:
         """From now on every sequence has its own positions (its first padding token arrived)."""
@@ -133,7 +144,7 @@ class HeadLayer(CacheLayerMixin):
         dst = new_off[head_of] + torch.arange(head_of.numel(), device=self.device) - self.offsets[head_of]
         b, _, d = self.keys.shape
         # a shorter sequence leaves slots empty: zeros, never uninitialized memory (masked, but 0 * nan = nan)
-        make = self.keys.new_empty if self.count is None else self.keys.new_zeros
+        make = self.keys.new_empty if self.count is None and self.cap is None else self.keys.new_zeros
         keys = make(b, sum(new), d)
         values = make(b, sum(new), self.values.shape[-1])
         pos = torch.full((*self.pos.shape[:-1], sum(new)), -1, dtype=torch.long, device=self.device)
@@ -147,7 +158,7 @@ class HeadLayer(CacheLayerMixin):
         """Store the new tokens that survive this step (sinks, and each head's last ``window``): positions
         ``p`` (Q,) shared by the batch after ``seen`` tokens, or (B, Q) per sequence (-1: padding, never
         stored) after ``seen`` (B,) real tokens."""
-        keep = win.keep(p, seen, self.sink, self.window)  # (Hkv, Q) or (B, Hkv, Q)
+        keep = win.keep(p, seen, self.sink, self.window, self.cap)  # (Hkv, Q) or (B, Hkv, Q)
         if p.dim() == 1:
             heads, idx = keep.nonzero(as_tuple=True)  # (n,), (n,)
             dst = self.offsets[heads] + win.slot(p[idx], self.sink[heads], self.window[heads])
@@ -176,6 +187,27 @@ class HeadLayer(CacheLayerMixin):
         self.keys.scatter_(1, index.expand(-1, -1, self.keys.shape[-1]), key_states[:, :, 0])
         self.values.scatter_(1, index.expand(-1, -1, self.values.shape[-1]), value_states[:, :, 0])
         self.pos.scatter_(1, dst, t.view(-1, 1).expand_as(dst))
+
+    def _expire(self, t: int | torch.Tensor) -> None:
+        """Empty the sink slots that left the native cap for the next query (position t + 1; t (B,) per
+        sequence): :func:`models.window.keep` no longer holds them, and no later query sees them."""
+        if self.cap is None or self.gone or self.pos.numel() == 0:
+            return
+        has = (self.sink > 0) & (self.cap > 0)
+        if not bool(has.any()):
+            return
+        n = torch.minimum(self.sink * has, torch.tensor(self.lengths, device=self.device))  # sink slots laid out
+        heads = torch.repeat_interleave(torch.arange(len(self.sink), device=self.device), n)
+        first = torch.cumsum(n, 0) - n
+        slots = self.offsets[heads] + torch.arange(heads.numel(), device=self.device) - first[heads]
+        pos = self.pos[..., slots]  # (n,) or (B, n)
+        t = torch.as_tensor(t, device=self.device)
+        gone = (pos >= 0) & (pos <= (t.view(-1, 1) if t.dim() else t) - self.cap[heads])
+        if bool(gone.any()):
+            self.pos[..., slots] = torch.where(gone, -1, pos)
+            self.dead = True
+        # positions only grow: once every sink slot is laid out and empty, none is ever refilled
+        self.gone = bool((n == self.sink * has).all()) and bool((self.pos[..., slots] < 0).all())
 
     def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather index (Hkv, Kmax) of a ragged layer's padded view, and which entries are real."""
@@ -215,11 +247,11 @@ class HeadLayer(CacheLayerMixin):
         a shorter sequence's slots); None when there are none. A single query that took the general path
         (the first token, or one with padding in its column) gets the mask of its positions."""
         if self.last is not None:
-            return win.hard_bias(*self.last, self.sink, self.window, torch.float32)
+            return win.hard_bias(*self.last, self.sink, self.window, torch.float32, self.cap)
         if self.holes:
-            empty = self.padded_pos() < 0  # (B, Hkv, Kmax)
+            empty = self.padded_pos() < 0  # ((B,) Hkv, Kmax)
             bias = torch.zeros(empty.shape, device=self.device).masked_fill_(empty, float("-inf"))
-            return bias.unsqueeze(2)
+            return bias.unsqueeze(-2)
         if min(self.lengths) == max(self.lengths):
             return None
         valid = self._index()[1]
@@ -247,6 +279,7 @@ class HeadLayer(CacheLayerMixin):
                 self._set_counts(t + 1, [c + 1 for c in self.counts])
             self._grow()
             self._write_one(key_states, value_states, t)
+            self._expire(t)
             self.last = None  # positions built only if asked for (the fast decode path needs none)
             return self.padded_kv()
         # several queries may need keys this step evicts: attend over held + new, then evict
@@ -273,6 +306,7 @@ class HeadLayer(CacheLayerMixin):
             self._set_counts(seen, seen.tolist())
         self._grow()
         self._write(key_states, value_states, p, seen)
+        self._expire(seen - 1)
         return keys, values
 
     def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +331,7 @@ class HeadLayer(CacheLayerMixin):
         return -1  # any number of tokens can stream through
 
     def reset(self) -> None:
-        self.__init__(self.sink.cpu(), self.window.cpu())
+        self.__init__(self.sink.cpu(), self.window.cpu(), None if self.cap is None else self.cap.cpu())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -333,9 +367,15 @@ class PerHeadCache(Cache):
 
     evicting = True  # tells the attention patch to bypass transformers' contiguous-cache mask
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor, reindex: bool = False) -> None:
-        """``sink``, ``window``: long tensors (layers, KV heads); made by ``alloc.allocation.applied``."""
-        super().__init__(layers=[HeadLayer(sink[i].cpu(), window[i].cpu()) for i in range(sink.shape[0])])
+    def __init__(
+        self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None, reindex: bool = False
+    ) -> None:
+        """``sink``, ``window``, ``cap``: long tensors (layers, KV heads), ``cap`` the native windows (0: none);
+        made by ``alloc.allocation.applied``."""
+        caps = [None if cap is None else cap[i].cpu() for i in range(sink.shape[0])]
+        super().__init__(
+            layers=[HeadLayer(sink[i].cpu(), window[i].cpu(), caps[i]) for i in range(sink.shape[0])]
+        )
         self.reindex = reindex
         self._step: tuple[int, int, torch.Tensor | None] | None = None  # (seen, Q, real) of the next forward
 
@@ -424,7 +464,10 @@ class PerHeadCache(Cache):
 
 def _held_kv_bytes(layer: HeadLayer) -> int:
     b, s, d = layer.keys.shape
-    entries = b * s if layer.count is None else int((layer.pos >= 0).sum())  # shared positions: no empty slot
+    if layer.count is None:  # shared positions: no empty slot but the sinks that left the native cap
+        entries = b * (int((layer.pos >= 0).sum()) if layer.dead else s)
+    else:
+        entries = int((layer.pos >= 0).sum())
     return entries * (d + layer.values.shape[-1]) * layer.keys.element_size()
 
 

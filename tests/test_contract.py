@@ -92,6 +92,9 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
     out["empty_dir"].mkdir()
     out["a_file"] = root / "a_file.txt"
     out["a_file"].write_text("x")
+    out["gpt2_dir"] = root / "gpt2_dir"  # a family the attention patch does not serve
+    out["gpt2_dir"].mkdir()
+    (out["gpt2_dir"] / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     return out
 
 
@@ -119,6 +122,8 @@ CASES = [
     (E + " --tokens 1000000000000000000000000000000", "--tokens must be between"),
     (E + " --seq-len 1", "--seq-len must be between"),
     (E + " --seq-len 100000", "exceeds the model's 512 positions"),
+    ("evaluate --model {f:gpt2_dir} --tokens 64", "model family 'gpt2' is not supported"),
+    ("train --model {f:gpt2_dir} --budget 8 --max-steps 1 --wandb-mode disabled", "model family 'gpt2' is not supported"),
     (E + " --dtype float8", "--dtype must be one of"),
     (E + " --dtype ''", "--dtype must be one of"),
     (E + " --device tpu", "not a device name"),

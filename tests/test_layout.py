@@ -50,7 +50,8 @@ def test_cli_is_thin():
 
 
 CONFIGS = {"evaluate": "EvaluateConfig", "classify": "ClassifyConfig", "ablation": "SweepConfig",
-           "learned": "SweepConfig", "quantized": "SweepConfig", "passkey": "PasskeyConfig", "train": None}
+           "learned": "SweepConfig", "quantized": "SweepConfig", "passkey": "PasskeyConfig", "train": None,
+           "gemma": "SweepConfig", "gemma_4096": "SweepConfig", "long": "SweepConfig"}
 
 
 def test_every_config_file_loads_through_its_commands_dataclass():

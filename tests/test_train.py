@@ -477,7 +477,7 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
     saved = TrainConfig(budget=12, batch_size=1, objective="kl").to_dict()
     check_resume(saved, TrainConfig(budget=12))  # the same run
     logistics = dict(threads=3, wandb_mode="disabled", wandb_project="p", log_every=7, eval_every=9,
-                     ckpt_every=11, accelerator="gpu", strategy="ddp")
+                     ckpt_every=11, accelerator="gpu", strategy="ddp", attention="dense")
     check_resume(saved, TrainConfig(budget=12, **logistics))  # free to change
     with pytest.raises(TrainError) as e:
         check_resume(saved, TrainConfig(budget=12, batch_size=2, objective="ce"), "runs/b/checkpoints/x.ckpt")

@@ -1,0 +1,346 @@
+"""Block-sparse per-head window attention with FlexAttention (``torch.nn.attention.flex_attention``).
+
+The same keys as :mod:`models.window` -- from query position t a head with (sink, window) sees
+``[0, sink) U (t - window, t]``, causal -- and, optionally, a native sliding-window ``cap`` (a key is seen
+only if also ``t - k < cap``: Gemma/Mistral sliding layers; an int or a (Hkv,) tensor, None or <= 0 for none,
+as in :mod:`models.window`) and Gemma-2 logit soft-capping
+(``scores = softcap * tanh(scores / softcap)`` on the scaled scores, before masking). Unlike the dense path
+(:mod:`models.attention`: SDPA plus an additive (Hq, Q, K) bias), nothing of size Q x K is ever built: a
+:class:`BlockMask` of 128 x 128 tiles lists, per query head and query tile, which key tiles are fully
+visible (no mask evaluated), partially visible (``mask_mod`` evaluated) or empty (skipped), so a
+streaming head costs O(T * (sink + window)) instead of O(T^2).
+
+- :func:`hard_attention`: the hard mask (inference / evaluation), CPU and CUDA.
+- :func:`soft_attention`: the learnable soft window (``models.window.soft_bias``) as a ``score_mod``, the
+  causal limit and the cap as the block mask; the gradient reaches ``window_float`` on CUDA only
+  (FlexAttention has no backward on CPU; its forward runs there).
+- :func:`available`: whether the compiled kernel runs on a device (and head dim / dtype), so a caller can
+  fall back to the dense path.
+
+Both take queries (B, Hq, Q, D) and keys/values (B, Hkv, K, D), Hq a multiple of Hkv (GQA/MQA through
+``enable_gqa``: K/V are never repeated), the queries being the last Q of the K keys (absolute positions
+K-Q..K-1; no padding), and return (B, Q, Hq, D) like transformers' ``sdpa_attention_forward``.
+
+The block mask is built here from interval arithmetic on tiles (exact: the same tiles ``create_block_mask``
+finds, which the tests check), not by ``create_block_mask``: that one evaluates the mask on all Hq x Q x K
+points in eager mode, ~5 s per layer at T = 4096 on CPU. Block masks are cached by content
+(sink and window rows, cap, Q, K, heads, device), so the layers of one forward that share a row build it
+once. One compiled ``flex_attention`` serves the process (``dynamic=False``: one compilation per distinct
+shape, dtype and score_mod structure, seconds each on CPU; everything else -- rows, offsets, cap, softcap,
+tau -- is a captured tensor, so changing it does not recompile). Every new (Q, K) compiles once, so this is
+for full-cache forwards (prefill, the masked evaluator, training), not token-by-token decode over a growing
+K (the evicting cache of :mod:`models.kv_cache` already holds only the keys a decode step sees).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - old torch
+    BlockMask = flex_attention = None
+
+BLOCK = 128  # FlexAttention's sparse tile (query and key)
+CACHE_SIZE = 128  # block masks kept (LRU); a 30-layer model with distinct rows per layer needs 30 per shape
+RECOMPILE_LIMIT = 64  # dynamo's default (8) would silently fall back to eager (dense) flex past 8 shapes
+_NO_CAP = 2**62  # "no cap" as a number, so cap None and cap 16 share one compiled graph
+
+Cap = int | torch.Tensor | None  # a layer's native cap: one for all heads or one per KV head; <= 0: none
+
+_compiled = None
+_lock = threading.Lock()
+_masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+_available: dict[tuple, bool] = {}
+
+
+def _flex():
+    """The process's one compiled ``flex_attention`` (compiled lazily, on first use)."""
+    global _compiled
+    with _lock:
+        if _compiled is None:
+            _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+# ---- the block mask -------------------------------------------------------------------------------
+
+
+def caps(cap: Cap, heads: int) -> tuple[int, ...]:
+    """A cap (int, (H,) or 0-d tensor, or None) as one int per head, 'none' (None, <= 0) as a huge number."""
+    if cap is None:
+        return (_NO_CAP,) * heads
+    values = [int(x) for x in torch.as_tensor(cap).reshape(-1).tolist()]
+    if len(values) == 1:
+        values = values * heads
+    if len(values) != heads:
+        raise ValueError(f"{len(values)} caps for {heads} heads")
+    return tuple(c if c > 0 else _NO_CAP for c in values)
+
+
+def tiles(
+    sink: torch.Tensor, window: torch.Tensor, cap: Cap, q_len: int, k_len: int, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (query tile, key tile) pairs each head sees partly and fully: bool (H, Q tiles, K tiles) each.
+
+    Exact, in O(H x tiles^2): query t (absolute, ``k_len - q_len + row``) sees key k at distance d = t - k
+    when 0 <= d < cap and (k < sink or d < window). Over a tile pair (queries [ta, tb], keys [k0, k1]) the
+    distances are every integer of [ta - k1, tb - k0], so
+
+    - some key is seen iff a window distance [0, min(window, cap) - 1] is in that range, or the tile has
+      sink keys [k0, min(k1, sink - 1)] and a distance [0, cap - 1] is in theirs;
+    - every key is seen iff all distances are in [0, cap - 1] and the keys past the sinks,
+      [max(k0, sink), k1], are within the window of the last query: tb - max(k0, sink) < window.
+
+    ``create_block_mask``'s convention (it pads the mask to whole tiles with False): full only for whole
+    (``block``-long) tiles, partial when some key is seen and the pair is not full. The tests check these
+    tiles equal create_block_mask's.
+    """
+    sink = sink.detach().to("cpu", torch.long).view(-1, 1, 1)  # (H, 1, 1)
+    window = window.detach().to("cpu", torch.long).view(-1, 1, 1)
+    cap = torch.tensor(caps(cap, sink.shape[0])).view(-1, 1, 1)
+    nq, nk = -(-q_len // block), -(-k_len // block)
+    qa = torch.arange(nq).view(1, -1, 1) * block  # query rows of each tile, [qa, qb]
+    qb = torch.clamp(qa + block, max=q_len) - 1
+    ta, tb = qa + (k_len - q_len), qb + (k_len - q_len)  # absolute positions
+    k0 = torch.arange(nk).view(1, 1, -1) * block  # (1, 1, nk)
+    k1 = torch.clamp(k0 + block, max=k_len) - 1
+
+    def meets(lo, hi, top):  # does [lo, hi] meet [0, top]?
+        return (hi >= 0) & (lo <= top) & (lo <= hi) & (top >= 0)
+
+    reach = torch.clamp(torch.minimum(window, cap), min=0) - 1
+    some = meets(ta - k1, tb - k0, reach)
+    sink_end = torch.minimum(k1, sink - 1)  # last sink key of the tile
+    some = some | ((sink_end >= k0) & meets(ta - sink_end, tb - k0, cap - 1))
+    past = torch.maximum(k0, sink)  # first non-sink key of the tile
+    every = (ta - k1 >= 0) & (tb - k0 <= cap - 1) & ((k1 < sink) | (tb - past <= window - 1))
+    whole = ((qb - qa + 1) == block) & ((k1 - k0 + 1) == block)
+    full = every & whole
+    return some & ~full, full
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, indices) of a dense 0/1 tile map (..., rows, cols): BlockMask's layout, listed tiles first."""
+    dense = dense.to(torch.int32)
+    count = dense.sum(-1, dtype=torch.int32)
+    order = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return count.contiguous(), order.contiguous()
+
+
+def _mask_mod(sink: torch.Tensor, window: torch.Tensor, offset: torch.Tensor, cap: torch.Tensor, r: int):
+    """``mask_mod`` of :func:`models.window.allowed` plus the cap, over query heads (h // r: its KV head)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        t = q_idx + offset
+        kv = h // r
+        seen = (kv_idx <= t) & (t - kv_idx < cap[kv])
+        return seen & ((kv_idx < sink[kv]) | (kv_idx > t - window[kv]))
+
+    return mask_mod
+
+
+def block_mask(
+    sink: torch.Tensor,
+    window: torch.Tensor,
+    cap: Cap,
+    q_len: int,
+    k_len: int,
+    q_heads: int,
+    device: torch.device | str,
+) -> BlockMask:
+    """The BlockMask (1, q_heads, Q, K) of per-KV-head rows ``sink``, ``window`` (Hkv,), the queries being the
+    last ``q_len`` of ``k_len`` keys. Cached by content: equal rows, cap, lengths, heads and device give the
+    same object back."""
+    device = torch.device(device)
+    rows_s, rows_w = tuple(int(x) for x in sink.tolist()), tuple(int(x) for x in window.tolist())
+    rows_c = caps(cap, len(rows_s))
+    key = (rows_s, rows_w, rows_c, q_len, k_len, q_heads, str(device))
+    with _lock:
+        hit = _masks.get(key)
+        if hit is not None:
+            _masks.move_to_end(key)
+            return hit
+    n_kv = len(rows_s)
+    if n_kv != len(rows_w) or q_heads % n_kv:
+        raise ValueError(f"{q_heads} query heads cannot share {n_kv} KV heads' rows")
+    if q_len > k_len:
+        raise ValueError(f"queries ({q_len}) must be the last of the keys ({k_len})")
+    r = q_heads // n_kv
+    partial, full = tiles(torch.tensor(rows_s), torch.tensor(rows_w), torch.tensor(rows_c), q_len, k_len)
+    partial = partial.repeat_interleave(r, 0).unsqueeze(0)  # (1, Hq, nq, nk)
+    full = full.repeat_interleave(r, 0).unsqueeze(0)
+    mod = _mask_mod(
+        torch.tensor(rows_s, device=device),
+        torch.tensor(rows_w, device=device),
+        torch.tensor(k_len - q_len, device=device),
+        torch.tensor(rows_c, device=device),
+        r,
+    )
+    count, index = _ordered(partial)
+    full_count, full_index = _ordered(full)
+    mask = BlockMask.from_kv_blocks(
+        count.to(device), index.to(device), full_count.to(device), full_index.to(device),
+        BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(q_len, k_len),
+    )
+    with _lock:
+        _masks[key] = mask
+        while len(_masks) > CACHE_SIZE:
+            _masks.popitem(last=False)
+    return mask
+
+
+def clear_cache() -> None:
+    """Forget every cached block mask."""
+    with _lock:
+        _masks.clear()
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sink: torch.Tensor) -> None:
+    if query.dim() != 4 or key.dim() != 4 or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"expected query (B, Hq, Q, D), key/value (B, Hkv, K, D); got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[1] % key.shape[1] or sink.numel() != key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads, {key.shape[1]} KV heads, {sink.numel()} rows")
+    if query.shape[2] > key.shape[2]:
+        raise ValueError(f"queries ({query.shape[2]}) must be the last of the keys ({key.shape[2]})")
+
+
+def _softcap(softcap: float | None, device: torch.device):
+    if softcap is None:
+        return None
+    return torch.tensor(float(softcap), device=device, dtype=torch.float32)
+
+
+def _run(query, key, value, score_mod, mask, scaling):
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        out = _flex()(query, key, value, score_mod=score_mod, block_mask=mask, scale=float(scale),
+                      enable_gqa=True)
+    return out.transpose(1, 2).contiguous()  # (B, Q, Hq, D), as sdpa_attention_forward
+
+
+def hard_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sink: torch.Tensor,
+    window: torch.Tensor,
+    cap: Cap,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of each query head over the keys its KV head's (sink, window) row allows, within ``cap``.
+
+    query (B, Hq, Q, D); key, value (B, Hkv, K, D); sink, window (Hkv,) integer tensors; ``cap`` an int
+    or (Hkv,) integer tensor (a key is seen only if ``t - k < cap``), None or <= 0 for none; ``scaling``
+    the model's score scale (None: D ** -0.5); ``softcap``: Gemma-2 logit soft-capping of the scaled
+    scores, or None. The queries are the last Q of the K keys. Returns (B, Q, Hq, D) in the query's dtype.
+    A query that sees no key at all (only possible with window 0 and no sink) gets zeros, where SDPA with a
+    -inf bias gives NaN.
+    """
+    _check(query, key, value, sink)
+    mask = block_mask(sink, window, cap, query.shape[2], key.shape[2], query.shape[1], query.device)
+    sc = _softcap(softcap, query.device)
+    score_mod = None
+    if sc is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return sc * torch.tanh(score / sc)
+    return _run(query, key, value, score_mod, mask, scaling)
+
+
+def soft_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sink: torch.Tensor,
+    window_float: torch.Tensor,
+    tau: float | torch.Tensor,
+    cap: Cap,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention under the learnable soft window of :func:`models.window.soft_bias`, for training on CUDA.
+
+    Scores (scaled, then soft-capped if ``softcap``) get ``logsigmoid((w - 0.5 - (t - k)) / tau)`` added on
+    non-sink keys (0 on sink keys), ``w = window_float[kv head]`` (Hkv,) float, which may require grad (the
+    gradient flows through the captured tensor, CUDA only); the causal limit and ``cap`` are the hard block
+    mask. ``tau`` may be a float or a 0-d tensor (a tensor either way inside, so annealing it does not
+    recompile). Shapes as :func:`hard_attention`. On CPU only the forward runs: FlexAttention has no CPU
+    backward, so with grad enabled and anything requiring grad this raises NotImplementedError (use the
+    dense path there).
+    """
+    _check(query, key, value, sink)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value, window_float) if isinstance(t, torch.Tensor))
+    if needs_grad and query.device.type != "cuda":
+        raise NotImplementedError("FlexAttention has no backward on this device; use the dense soft bias")
+    n_kv = key.shape[1]
+    r = query.shape[1] // n_kv
+    dev = query.device
+    mask = block_mask(torch.zeros(n_kv, dtype=torch.long), torch.full((n_kv,), _NO_CAP), cap,
+                      query.shape[2], key.shape[2], query.shape[1], dev)
+    w = window_float.to(dev)
+    s = sink.to(dev, torch.long)
+    tau_t = (tau.to(dev, w.dtype) if isinstance(tau, torch.Tensor)
+             else torch.tensor(float(tau), device=dev, dtype=w.dtype))
+    offset = torch.tensor(key.shape[2] - query.shape[2], device=dev)
+    sc = _softcap(softcap, dev)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        kv = h // r
+        if sc is not None:
+            score = sc * torch.tanh(score / sc)
+        distance = (q_idx + offset - kv_idx).to(w.dtype)
+        gate = F.logsigmoid((w[kv] - 0.5 - distance) / tau_t)
+        return score + torch.where(kv_idx < s[kv], torch.zeros_like(gate), gate)
+
+    return _run(query, key, value, score_mod, mask, scaling)
+
+
+# ---- availability ---------------------------------------------------------------------------------
+
+
+def available(device: torch.device | str, head_dim: int = 64, dtype: torch.dtype = torch.float32) -> bool:
+    """True when the compiled FlexAttention runs on ``device`` for this head dim and dtype (probed once per
+    (device type, head dim, dtype) with a small GQA call against a plain reference; the answer is cached).
+    Call it per attention call (a dict look-up after the first) and fall back to the dense path on False."""
+    if flex_attention is None:
+        return False
+    device = torch.device(device)
+    probe_key = (device.type, int(head_dim), dtype)
+    if probe_key in _available:
+        return _available[probe_key]
+    ok = False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 2, 3, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(1, 1, 5, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(1, 1, 5, head_dim, generator=gen).to(device, dtype)
+        with torch.no_grad():
+            out = hard_attention(q, k, v, torch.tensor([1]), torch.tensor([2]), None, None)
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 attn_mask=_probe_mask(device), enable_gqa=True)
+        ok = bool(torch.allclose(out.float().transpose(1, 2), ref, atol=5e-2, rtol=5e-2))
+    except Exception:  # noqa: BLE001 - any failure to compile or run means: use the dense path
+        ok = False
+    _available[probe_key] = ok
+    return ok
+
+
+def _probe_mask(device: torch.device) -> torch.Tensor:
+    """The probe's mask: queries 2, 3, 4 of keys 0..4, sink 1, window 2."""
+    t = torch.arange(2, 5).view(-1, 1)
+    k = torch.arange(5).view(1, -1)
+    return ((k <= t) & ((k < 1) | (k > t - 2))).to(device)
+
+
+__all__ = ["BLOCK", "available", "block_mask", "clear_cache", "hard_attention", "soft_attention", "tiles"]

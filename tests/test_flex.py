@@ -1,0 +1,194 @@
+"""The FlexAttention path (models.flex) against a plain float32 reference built on models.window.
+
+Every compiled call here shares D = 64 and float32, so the CPU kernel is compiled once and only re-specialized
+per shape (a few seconds each); the cases are grouped so that few distinct shapes are compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from models import flex
+from models import window as win
+
+D = 64
+ROWS = [1, 7, 100, 10**9]  # windows, mixed over the heads
+
+
+def setup_module() -> None:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def qkv(n_q: int, n_kv: int, q_len: int, k_len: int, batch: int = 2, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n_q, q_len, D, generator=g)
+    k = torch.randn(batch, n_kv, k_len, D, generator=g)
+    v = torch.randn(batch, n_kv, k_len, D, generator=g)
+    return q.to(device), k.to(device), v.to(device)
+
+
+def rows(n_kv: int, sink: int, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    window = torch.tensor([ROWS[(h + shift) % len(ROWS)] for h in range(n_kv)])
+    return torch.full((n_kv,), sink), window
+
+
+def reference(q, k, v, bias, scaling=None, softcap=None):
+    """Plain float32 attention with a per-KV-head additive bias (Hkv, Q, K); returns (B, Q, Hq, D)."""
+    r = q.shape[1] // k.shape[1]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = q.float() @ k.float().repeat_interleave(r, 1).transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = (scores + bias.repeat_interleave(r, 0)).softmax(-1)
+    return (probs @ v.float().repeat_interleave(r, 1)).transpose(1, 2)
+
+
+def beyond_cap(q_pos, k_pos, cap, heads):
+    """(H, Q, K) True where t - k >= cap: cap an int or (H,) tensor, None or <= 0 for none."""
+    if cap is None:
+        return torch.zeros(heads, len(q_pos), len(k_pos), dtype=torch.bool)
+    c = torch.as_tensor(cap).reshape(-1).expand(heads).view(-1, 1, 1)
+    return (c > 0) & (q_pos.view(1, -1, 1) - k_pos.view(1, 1, -1) >= c)
+
+
+def hard_reference(q, k, v, sink, window, cap, scaling=None, softcap=None):
+    q_len, k_len = q.shape[2], k.shape[2]
+    q_pos, k_pos = torch.arange(k_len - q_len, k_len), torch.arange(k_len)
+    bias = win.hard_bias(q_pos, k_pos, sink, window, torch.float32)
+    bias = bias.masked_fill(beyond_cap(q_pos, k_pos, cap, k.shape[1]), float("-inf"))
+    return reference(q, k, v, bias.to(q.device), scaling, softcap)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# ---- the block mask: exact tiles, cached by content (no compilation) --------------------------------------
+
+
+@pytest.mark.parametrize("q_len,k_len", [(200, 200), (72, 200), (1, 300), (129, 129), (384, 1000)])
+@pytest.mark.parametrize("cap", [None, 1, 16, 130, (0, 16, 1, 300)])
+def test_tiles_equal_create_block_mask(q_len, k_len, cap):
+    cap = torch.tensor(cap) if isinstance(cap, tuple) else cap
+    g = torch.Generator().manual_seed(q_len * 7 + k_len)
+    for sink, window in [rows(4, 0), rows(4, 4, 1),
+                         (torch.randint(0, 300, (4,), generator=g), torch.randint(0, 400, (4,), generator=g)),
+                         (torch.tensor([0, 3, 128, 129]), torch.tensor([0, 128, 127, 1]))]:
+        ours = flex.block_mask(sink, window, cap, q_len, k_len, 8, "cpu")
+        theirs = create_block_mask(ours.mask_mod, None, 8, q_len, k_len, device="cpu")
+        for n, i, n_ref, i_ref in [
+            (ours.kv_num_blocks, ours.kv_indices, theirs.kv_num_blocks, theirs.kv_indices),
+            (ours.full_kv_num_blocks, ours.full_kv_indices,
+             theirs.full_kv_num_blocks, theirs.full_kv_indices),
+        ]:
+            assert torch.equal(n, n_ref)
+            listed = torch.arange(i.shape[-1]) < n.unsqueeze(-1)  # only the listed tiles count, in any order
+            assert torch.equal(torch.where(listed, i, -1).sort(-1).values,
+                               torch.where(listed, i_ref, -1).sort(-1).values)
+
+
+def test_block_mask_cached_by_content():
+    a = flex.block_mask(torch.tensor([4, 0]), torch.tensor([7, 100]), None, 200, 200, 4, "cpu")
+    assert flex.block_mask(torch.tensor([4, 0]), torch.tensor([7, 100]), None, 200, 200, 4, "cpu") is a
+    assert flex.block_mask(torch.tensor([4, 0]), torch.tensor([7, 101]), None, 200, 200, 4, "cpu") is not a
+    assert flex.block_mask(torch.tensor([4, 0]), torch.tensor([7, 100]), 16, 200, 200, 4, "cpu") is not a
+
+
+def test_long_streaming_mask_is_sparse():
+    """B_streaming_128 at T = 8192: a query tile meets at most 3 key tiles (sink, two window tiles)."""
+    mask = flex.block_mask(torch.full((3,), 4), torch.full((3,), 124), None, 8192, 8192, 9, "cpu")
+    seen = mask.kv_num_blocks + mask.full_kv_num_blocks
+    assert int(seen.max()) <= 3 and mask.sparsity() > 90
+
+
+# ---- hard attention: compiled flex == dense reference ---------------------------------------------------
+
+
+def test_available_on_cpu():
+    assert flex.available("cpu")
+
+
+@pytest.mark.parametrize("sink", [0, 4])
+@pytest.mark.parametrize("cap", [None, 16, (40, 0, 16)])  # one for the layer, or per KV head (0: none)
+def test_hard_gqa_square(sink, cap):  # 9 query heads on 3 KV heads, T = 200 (not a multiple of 128)
+    cap = torch.tensor(cap) if isinstance(cap, tuple) else cap
+    q, k, v = qkv(9, 3, 200, 200)
+    for shift in (0, 1):
+        s, w = rows(3, sink, shift)
+        with torch.no_grad():
+            out = flex.hard_attention(q, k, v, s, w, cap, None)
+        close(out, hard_reference(q, k, v, s, w, cap))
+
+
+@pytest.mark.parametrize("cap", [None, 16])
+def test_hard_gqa_softcap(cap):
+    q, k, v = qkv(9, 3, 200, 200, seed=1)
+    q = q * 4  # large scores, so the soft cap matters
+    s, w = torch.tensor([4, 0, 4]), torch.tensor([10**9, 7, 100])
+    with torch.no_grad():
+        out = flex.hard_attention(q, k, v, s, w, cap, 0.1, softcap=50.0)
+    close(out, hard_reference(q, k, v, s, w, cap, 0.1, 50.0))
+
+
+@pytest.mark.parametrize("sink,cap", [(0, None), (4, 16)])
+def test_hard_mha_fewer_queries(sink, cap):  # 4 heads, the last 72 queries of 200 keys
+    q, k, v = qkv(4, 4, 72, 200, seed=2)
+    s, w = rows(4, sink)
+    with torch.no_grad():
+        out = flex.hard_attention(q, k, v, s, w, cap, None)
+    close(out, hard_reference(q, k, v, s, w, cap))
+
+
+@pytest.mark.parametrize("sink,cap,window", [(0, None, 10**9), (4, 16, 7), (4, None, 1)])
+def test_hard_mqa_fewer_queries_softcap(sink, cap, window):  # 4 query heads on 1 KV head, 50 of 200
+    q, k, v = qkv(4, 1, 50, 200, seed=3)
+    s, w = torch.tensor([sink]), torch.tensor([window])
+    with torch.no_grad():
+        out = flex.hard_attention(q, k * 3, v, s, w, cap, None, softcap=50.0)
+    close(out, hard_reference(q, k * 3, v, s, w, cap, None, 50.0))
+
+
+# ---- soft attention ------------------------------------------------------------------------------------
+
+
+def soft_reference(q, k, v, sink, window_float, tau, cap=None):
+    q_len, k_len = q.shape[2], k.shape[2]
+    q_pos, k_pos = torch.arange(k_len - q_len, k_len), torch.arange(k_len)
+    bias = win.soft_bias(q_pos.to(q.device), k_pos.to(q.device), sink.to(q.device), window_float, tau)
+    bias = bias.masked_fill(beyond_cap(q_pos, k_pos, cap, k.shape[1]).to(q.device), float("-inf"))
+    return reference(q, k, v, bias)
+
+
+def test_soft_forward_matches_soft_bias():
+    q, k, v = qkv(9, 3, 200, 200, seed=4)
+    sink, window = torch.tensor([0, 4, 4]), torch.tensor([3.3, 40.0, 150.7])
+    for tau, cap in [(0.5, None), (4.0, 16), (1.0, torch.tensor([0, 30, 16]))]:
+        with torch.no_grad():
+            out = flex.soft_attention(q, k, v, sink, window, tau, cap, None)
+        close(out, soft_reference(q, k, v, sink, window, tau, cap))
+
+
+def test_soft_backward_refused_on_cpu():
+    q, k, v = qkv(9, 3, 200, 200)
+    window = torch.tensor([3.0, 40.0, 150.0], requires_grad=True)
+    with pytest.raises(NotImplementedError):
+        flex.soft_attention(q, k, v, torch.zeros(3, dtype=torch.long), window, 1.0, None, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU; CUDA only")
+def test_soft_gradient_matches_soft_bias_cuda():
+    q, k, v = qkv(9, 3, 200, 200, seed=5, device="cuda")
+    sink = torch.tensor([0, 4, 4], device="cuda")
+    grads = []
+    for use_flex in (True, False):
+        w = torch.tensor([3.3, 40.0, 150.7], device="cuda", requires_grad=True)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = (flex.soft_attention(qq, kk, vv, sink, w, 2.0, 64, None) if use_flex
+               else soft_reference(qq, kk, vv, sink, w, 2.0, 64))
+        (out.float() * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
+        grads.append([w.grad, qq.grad, kk.grad, vv.grad])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
