@@ -87,7 +87,9 @@ class Allocation:
             raise AllocationError(f"q_per_kv must be a positive integer, got {self.q_per_kv!r}")
         native = tuple(self.native or ())
         if native and (len(native) != len(sink) or not all(isinstance(c, int) and c >= 0 for c in native)):
-            raise AllocationError(f"'native' must hold one non-negative integer per layer, got {list(native)!r}")
+            raise AllocationError(
+                f"'native' must hold one non-negative integer per layer, got {list(native)!r}"
+            )
         object.__setattr__(self, "native", native if any(native) else ())
         object.__setattr__(self, "sink", sink)
         object.__setattr__(self, "window", window)
@@ -103,13 +105,16 @@ class Allocation:
         return cls(tuple(map(tuple, sink.tolist())), tuple(map(tuple, window.tolist())), **kw)
 
     def with_meta(self, **meta: Any) -> Allocation:
-        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native)
+        return Allocation(
+            self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native
+        )
 
     def bound(self, native: tuple[int, ...]) -> Allocation:
         """The same allocation on a model whose layers have these native sliding windows (0: none)."""
         if tuple(native or ()) == self.native:
             return self
-        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, self.meta, tuple(native or ()))
+        native = tuple(native or ())
+        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, self.meta, native)
 
     # ---- views ----------------------------------------------------------------------------------
     @property
@@ -133,8 +138,10 @@ class Allocation:
             return None
         return torch.tensor(self.native, dtype=torch.long, device=device).view(-1, 1).expand(*self.shape)
 
-    def effective(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(sink, window, cap) with nothing held in vain under the native caps (:func:`models.window.native`)."""
+    def effective(
+        self, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(sink, window, cap), nothing held in vain under the native caps (:func:`models.window.native`)."""
         cap = self.caps(device)
         return (*win.native(*self.tensors(device), cap), cap)
 
@@ -256,7 +263,8 @@ def applied(
     evicting cache that holds only each head's sink + window (a ``DynamicCache`` for full attention).
     ``reindex=True``: StreamingLLM's position re-indexing (distances counted inside the cache).
     ``allocation=None`` is full attention: the model runs untouched. ``backend``: the masked forward's
-    attention kernel, "dense" (the reference), "flex" (block-sparse) or "auto" (:func:`models.attention.windowed`).
+    attention kernel, "dense" (the reference), "flex" (block-sparse) or "auto"
+    (:func:`models.attention.windowed`).
     """
     if allocation is None:
         if reindex:

@@ -38,7 +38,10 @@ def opt(default: Any, help: str, **rules: Any) -> Any:
 
 
 MODEL = "Hub name, local model directory, or smollm2-135m (offline default)."
-CORPUS = "austen (offline default), a .txt file or directory, wikitext-2-raw-v1 or pg19."
+CORPUS = (
+    "austen (offline default), pydoc or debian-reference (offline non-fiction), a .txt file or directory,"
+    " wikitext-2-raw-v1 or pg19."
+)
 ENCODING = "Text encoding of a local corpus (default strict UTF-8; e.g. latin-1)."
 DEVICE = "cpu (default) or cuda[:N]."
 DTYPE = "float32 (CPU default), bfloat16 (GPU default) or float16."

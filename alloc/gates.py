@@ -51,7 +51,9 @@ def check_budget(budget: float, sink: int, cap: int) -> None:
         )
 
 
-def solve_shift(z: torch.Tensor, mean_window: float, cap: int | torch.Tensor, iters: int = 100) -> torch.Tensor:
+def solve_shift(
+    z: torch.Tensor, mean_window: float, cap: int | torch.Tensor, iters: int = 100
+) -> torch.Tensor:
     """The scalar b with mean(1 + (cap - 1) * sigmoid(z + b)) == mean_window (bisection in float64);
     ``cap`` is an int or a tensor shaped like z (each head's largest window)."""
     span = (torch.as_tensor(cap, dtype=torch.float64, device=z.device) - 1).expand(z.shape).flatten()

@@ -112,7 +112,9 @@ def greedy(
             if mask is not None:  # the mask covers every token seen so far
                 hi = lo + prefill_chunk
                 kw = {"attention_mask": mask[:, :hi], "position_ids": pos[:, lo:hi]}
-            logits = model(ids[:, lo : lo + prefill_chunk], cache=cache, use_cache=True, **kw).logits
+            # only the last position's logits are needed (a 262k vocabulary makes the others gigabytes)
+            logits = model(ids[:, lo : lo + prefill_chunk], cache=cache, use_cache=True, logits_to_keep=1,
+                           **kw).logits
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             out.append(nxt)

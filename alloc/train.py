@@ -91,7 +91,8 @@ def distill_loss(
             teacher = scoring.hidden(lm, tokens)  # (B, T, H)
     masks = gates.mask(tau)
     remat = _kept_scores(lm, tokens) > CHECKPOINT_ABOVE if checkpoint is None else checkpoint
-    layers = scoring.checkpointed_layers(lm, lambda: _rewindowed(lm, masks, backend)) if remat else nullcontext()
+    recompute = lambda: _rewindowed(lm, masks, backend)  # noqa: E731
+    layers = scoring.checkpointed_layers(lm, recompute) if remat else nullcontext()
     with windowed(lm, masks, backend=backend), layers:
         student = scoring.hidden(lm, tokens)  # (B, T, H)
     if objective == "ce":

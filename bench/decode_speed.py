@@ -34,9 +34,10 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_memory import allocations, header, load, parse, prefill, write  # noqa: E402
+from kv_memory import allocations, header, load, parse, prefill  # noqa: E402
 
 from alloc.allocation import Allocation, applied  # noqa: E402
+from models.common import emit_json  # noqa: E402
 from models.loading import model_shape  # noqa: E402
 
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if extra["--profile"]:
         result["time_shares"] = {str(t): {label: time_shares(model, a, tokens[:t], steps)
                                           for label, a in rows} for t in lengths}
-    write(result, args.out)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ object (``--out``) and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alloc.allocation import Allocation, applied, kv_bytes  # noqa: E402
 from alloc.policies import PolicyContext, build  # noqa: E402
+from models.common import emit_json  # noqa: E402
 from models.kv_cache import PerHeadCache, kv_bytes_of  # noqa: E402
 from models.loading import freeze, model_shape  # noqa: E402
 
@@ -248,14 +248,6 @@ def header(model: torch.nn.Module, args: argparse.Namespace, bench: str) -> dict
     }
 
 
-def write(result: dict, out: str | None) -> None:
-    text = json.dumps(result, indent=1)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     model, tokens, tok = load(args)
@@ -264,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[-1][1].save(args.save_varied)
     result = header(model, args, "kv_memory")
     result.update(tokens=args.tokens, rows=[measure(model, label, a, tokens) for label, a in rows])
-    write(result, args.out)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from alloc.evaluate import paired_log_ppl_diff  # noqa: E402
 from alloc.frontier import format_saving, saving_bounds, saving_factor, saving_interval  # noqa: E402
 from alloc.policies import family_of  # noqa: E402
 from alloc.results import read_rows  # noqa: E402
+from models.common import atomic_write  # noqa: E402
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -137,8 +138,7 @@ def main() -> None:
         for b, d in s["paired_vs_B"].items():
             print(f"    vs {b:18s} log PPL diff {d['log_ppl_diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import flex  # noqa: E402
 from models import window as win  # noqa: E402
-from models.common import atomic_write  # noqa: E402
+from models.common import emit_json  # noqa: E402
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """attend(query (B, Hq, Q, D), key (B, Hkv, K, D), value (B, Hkv, K, D), layer) -> (B, Q, Hq, D)"""
@@ -549,10 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios(rows),
         "full_model": full_model_rows(args) if "full_model" in args.part else None,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"))
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.common import atomic_write  # noqa: E402
+from models.common import emit_json  # noqa: E402
 
 GIB = 2**30
 
@@ -148,10 +148,7 @@ def main() -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": rows,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"))
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ it there too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alloc.gates import WindowGates  # noqa: E402
 from alloc.train import distill_loss  # noqa: E402
+from models.common import emit_json  # noqa: E402
 from models.loading import freeze, model_shape  # noqa: E402
 
 SHAPES = {  # random-init GPT-NeoX shapes (no download)
@@ -155,11 +155,7 @@ def main() -> None:
     }
     if args.device == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,8 @@ import torch
 from scipy.stats import spearmanr
 
 from alloc.allocation import Allocation, applied
+from models import scoring
 from models.loading import model_shape
-
-
-def _kl(logp_full: torch.Tensor, logits: torch.Tensor) -> float:
-    """Sum over positions of KL(full || cut); both (T, V)."""
-    logq = logits.float().log_softmax(-1)
-    return float((logp_full.exp() * (logp_full - logq)).sum())
 
 
 def one_head_cut(shape: Any, layer: int, head: int, sink: int, window: int, seq_len: int) -> Allocation:
@@ -50,12 +45,12 @@ def head_sensitivity(
     total, done = len(blocks) * n_layers * n_heads, 0
     for block in blocks:
         x = block.unsqueeze(0).to(model.device)
-        logp_full = model(x).logits[0].float().log_softmax(-1)  # (T, V)
+        full = scoring.hidden(model, x)  # (1, T, H): logits only a chunk of tokens at a time
         for layer in range(n_layers):
             for head in range(n_heads):
                 cut = one_head_cut(shape, layer, head, sink, window, blocks.shape[1])
                 with applied(model, cut):
-                    kl[layer, head] += _kl(logp_full, model(x).logits[0])
+                    kl[layer, head] += float(scoring.chunked_kl(model, scoring.hidden(model, x), full))
                 done += 1
                 if progress:
                     progress(done, total)

@@ -88,7 +88,9 @@ def check_family(config) -> None:
     types = getattr(config, "layer_types", None)
     unknown = sorted({t for t in types or () if t not in ("full_attention", "sliding_attention")})
     if unknown:
-        raise HeadkvError(f"model family '{family}' has layer types headkv does not serve: {', '.join(unknown)}")
+        raise HeadkvError(
+            f"model family '{family}' has layer types headkv does not serve: {', '.join(unknown)}"
+        )
 
 
 def native_caps(config) -> tuple[int, ...]:
@@ -384,7 +386,10 @@ AttentionMaskInterface.register(IMPLEMENTATION, _mask)
 
 @contextmanager
 def windowed(
-    model: PreTrainedModel, masks: MaskProvider, positions: PositionSource | None = None, backend: str = "dense"
+    model: PreTrainedModel,
+    masks: MaskProvider,
+    positions: PositionSource | None = None,
+    backend: str = "dense",
 ) -> Iterator[PreTrainedModel]:
     """Apply per-head masks (a :class:`HardMask` or soft gates) to ``model`` inside the block.
 

@@ -6,6 +6,7 @@ any of them into one ``error: ...`` line and exit code 2. Subclasses name the ro
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -35,3 +36,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def emit_json(result: Any, out: str | Path | None = None) -> None:
+    """Print ``result`` as JSON and, if ``out`` is given, write it there atomically (the benches' output)."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        atomic_write(out, lambda tmp: tmp.write_text(text + "\n"))

@@ -10,6 +10,29 @@ Sources (``source`` argument):
     zlib framing of an ``.rdb`` entry is undone here.  Fixed split (:data:`AUSTEN_SPLITS`):
     **eval** = *Persuasion* + *Northanger Abbey* (~222k SmolLM2 tokens); **train** = *Emma*,
     *Mansfield Park*, *Pride and Prejudice*, *Sense and Sensibility*.
+``pydoc`` (offline, non-fiction)
+    The Python language and library reference topics shipped in the standard library
+    (``pydoc_data.topics.topics``, the text ``help("with")`` prints; ~106k SmolLM2 tokens on Python 3.11),
+    no download.  A document is one topic, in sorted-name order; a text shared by several names (``if``
+    and ``else``) is kept once, under its first name, so no text is in both splits.  Cleaned like a
+    ``.txt`` file (hard-wrapped lines joined, so indented code and grammar blocks become one line each) but
+    without the ``_italics_`` rule (it would eat the underscores of ``__init__``).  The token-cache key
+    holds a digest of the text, so another Python version's topics are tokenized afresh.
+``debian-reference`` (offline, non-fiction)
+    The *Debian Reference* book (Osamu Aoki; system administration) from Debian's
+    ``debian-reference-en`` package (~1.7 MB .deb), fetched once with ``apt-get download`` +
+    ``dpkg-deb -x`` into ``$HEADKV_CACHE/debian-reference`` (the chapter HTML files, then a ``MANIFEST``
+    naming them in book order, written last as the completion marker).  A document is one chapter
+    (preface, chapters 1-12, appendix A; the table-of-contents page is skipped), converted from XHTML with
+    :mod:`html.parser`: navigation headers/footers and per-chapter tables of contents are dropped; each
+    heading, paragraph, list item, definition term/description and table caption is a paragraph with its
+    whitespace collapsed; a ``<pre>`` block (commands, config files) keeps its lines (trailing spaces and
+    common indentation removed); a table is one paragraph with one line per row, cells joined by
+    ``" | "``.  The token-cache key holds a digest of the HTML files.
+    **Split of both** (:data:`NONFICTION_EVAL_EVERY`): documents alternate, the ones at positions
+    0, 2, 4, ... of the order above are **eval**, those at 1, 3, 5, ... **train**; the two never share
+    a document.  (They are meant for evaluating allocations trained on Austen; **train** is the held-out
+    half for in-domain fitting.)
 ``wikitext-2-raw-v1``
     Hugging Face ``Salesforce/wikitext`` (config ``wikitext-2-raw-v1``); train -> ``train``,
     eval -> ``test``.  Lines are grouped into articles at top-level ``= Title =`` headings; each non-empty
@@ -28,8 +51,9 @@ a path
 Split names are ``train`` and ``eval`` (``test`` is an alias of ``eval``).
 
 Cleaning: lines separated by blank lines form paragraphs; hard-wrapped lines are joined with a space,
-whitespace is collapsed, and Gutenberg-style ``_italics_`` underscores are removed (not for wikitext).
-For Austen the front matter before the first chapter heading, full-bracket editorial notes such as
+whitespace is collapsed, and Gutenberg-style ``_italics_`` underscores are removed (not for wikitext or
+the non-fiction corpora; ``debian-reference`` is cleaned from HTML as described above).  For Austen the
+front matter before the first chapter heading, full-bracket editorial notes such as
 ``[End volume one of this edition.]`` and the Signet "A NOTE ON THE TEXT" appendix of *Northanger Abbey*
 are dropped.  A document is its paragraphs joined with ``"\\n\\n"``.  (Measured: evaluating on the raw
 hard-wrapped lines gives artificially low perplexity.)
@@ -59,6 +83,7 @@ import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +96,11 @@ from models.common import HeadkvError, atomic_write
 __all__ = [
     "AUSTEN_SPLITS",
     "CorpusError",
+    "NONFICTION_SOURCES",
     "available_blocks",
     "describe",
     "fetch_austen",
+    "fetch_debian_reference",
     "load_documents",
     "long_stream",
     "token_blocks",
@@ -87,6 +114,10 @@ AUSTEN_SPLITS: dict[str, tuple[str, ...]] = {
 }  # the split name "test" is accepted everywhere as an alias of "eval"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_FILES = ("Rdata.rdx", "Rdata.rdb")
+NONFICTION_SOURCES = ("pydoc", "debian-reference")
+NONFICTION_EVAL_EVERY = 2  # pydoc / debian-reference: documents 0, 2, 4, ... are eval, 1, 3, 5, ... train
+DEBIAN_REFERENCE_PACKAGE = "debian-reference-en"
+DEBIAN_REFERENCE_MANIFEST = "MANIFEST"  # chapter file names in book order; written last = complete
 HF_SOURCES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "wikitext-2-raw-v1": (("Salesforce/wikitext", "wikitext"), "wikitext-2-raw-v1"),
     "pg19": (("emozilla/pg19", "deepmind/pg19"), None),
@@ -120,7 +151,7 @@ def _codec(encoding: str | None) -> str:
 
 
 def _is_named(source: str) -> bool:
-    return source == "austen" or source in HF_SOURCES
+    return source == "austen" or source in NONFICTION_SOURCES or source in HF_SOURCES
 
 
 def _canonical_split(split: str) -> str:
@@ -146,29 +177,35 @@ def fetch_austen(cache_dir: Path | None = None) -> Path:
     log.info("fetching %s with apt-get into %s", AUSTEN_PACKAGE, target)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="headkv-austen-") as tmp:
-        _run_tool(["apt-get", "download", AUSTEN_PACKAGE], Path(tmp))
-        debs = sorted(Path(tmp).glob("*.deb"))
-        if not debs:
-            raise CorpusError(f"apt-get download {AUSTEN_PACKAGE} produced no .deb file")
-        _run_tool(["dpkg-deb", "-x", str(debs[0]), "root"], Path(tmp))
+        deb = _apt_extract(AUSTEN_PACKAGE, Path(tmp), "the austen corpus")
         found = sorted(Path(tmp, "root").rglob("janeaustenr/data/Rdata.rdx"))
         if not found:
-            raise CorpusError(f"{debs[0].name} does not contain janeaustenr/data/Rdata.rdx")
+            raise CorpusError(f"{deb.name} does not contain janeaustenr/data/Rdata.rdx")
         for name in reversed(AUSTEN_FILES):  # .rdb first: the .rdx is the "complete" marker
             _atomic_copy(found[0].parent / name, target / name)
     return target
 
 
-def _run_tool(cmd: list[str], cwd: Path) -> None:
+def _apt_extract(package: str, tmp: Path, what: str) -> Path:
+    """``apt-get download PACKAGE`` into ``tmp``, ``dpkg-deb -x`` it into ``tmp/root``; returns the .deb."""
+    _run_tool(["apt-get", "download", package], tmp, what)
+    debs = sorted(tmp.glob("*.deb"))
+    if not debs:
+        raise CorpusError(f"apt-get download {package} produced no .deb file")
+    _run_tool(["dpkg-deb", "-x", str(debs[0]), "root"], tmp, what)
+    return debs[0]
+
+
+def _run_tool(cmd: list[str], cwd: Path, what: str = "the austen corpus") -> None:
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CorpusError(f"cannot fetch the austen corpus: {' '.join(cmd)} failed: {exc}") from exc
+        raise CorpusError(f"cannot fetch {what}: {' '.join(cmd)} failed: {exc}") from exc
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("E:")] or lines or ["no output"]
         raise CorpusError(
-            f"cannot fetch the austen corpus: '{' '.join(cmd)}' exited with {proc.returncode}: "
+            f"cannot fetch {what}: '{' '.join(cmd)}' exited with {proc.returncode}: "
             f"{errors[-1]} (try 'apt-get update', or use a local .txt corpus path)"
         )
 
@@ -259,6 +296,209 @@ def _strip_austen_boilerplate(paragraphs: list[str]) -> list[str]:
     return [p for p in body if not (p.startswith("[") and p.endswith("]"))]
 
 
+# --------------------------------------------------------------------------- pydoc, debian-reference
+
+
+def _pydoc_topics() -> list[tuple[str, str]]:
+    """(topic name, text) of the standard library's ``pydoc_data.topics``, sorted by name; a text that
+    several names share is kept once, under the first."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some distributions split pydoc_data off the standard library
+        raise CorpusError(f"corpus 'pydoc' needs the standard library's pydoc_data module ({exc})") from exc
+    if not isinstance(topics, dict) or not topics:
+        raise CorpusError("pydoc_data.topics.topics is not a non-empty dict of topic texts")
+    unique: dict[str, str] = {}
+    for name in sorted(topics):
+        unique.setdefault(str(topics[name]), str(name))
+    return [(name, text) for text, name in unique.items()]
+
+
+def _chapter_key(name: str) -> tuple[int, str]:
+    """Book order of the debian-reference HTML pages: preface (pr*), chapters (ch*), appendices (ap*)."""
+    return ({"pr": 0, "ch": 1, "ap": 2}.get(name[:2], 3), name)
+
+
+def fetch_debian_reference(cache_dir: Path | None = None) -> Path:
+    """Return the directory holding the Debian Reference chapter pages (``*.en.html``) and their
+    ``MANIFEST``, fetching ``debian-reference-en`` via apt if the manifest is missing."""
+    target = (
+        Path(cache_dir).expanduser() if cache_dir is not None else common.cache_dir() / "debian-reference"
+    )
+    if (target / DEBIAN_REFERENCE_MANIFEST).is_file():
+        return target
+    what = "the debian-reference corpus"
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise CorpusError(
+                f"cannot fetch {what}: {tool!r} not found (needs a Debian/Ubuntu system); "
+                f"use --corpus pydoc or a local .txt corpus path instead"
+            )
+    log.info("fetching %s with apt-get into %s", DEBIAN_REFERENCE_PACKAGE, target)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="headkv-debref-") as tmp:
+        deb = _apt_extract(DEBIAN_REFERENCE_PACKAGE, Path(tmp), what)
+        pages = [
+            p
+            for p in Path(tmp, "root").rglob("usr/share/debian-reference/*.en.html")
+            if p.is_file() and p.name[:2] in ("pr", "ch", "ap")
+        ]
+        if not any(p.name.startswith("ch") for p in pages):
+            raise CorpusError(f"{deb.name} does not contain usr/share/debian-reference/ch*.en.html")
+        pages.sort(key=lambda p: _chapter_key(p.name))
+        for page in pages:
+            _atomic_copy(page, target / page.name)
+        names = "".join(f"{p.name}\n" for p in pages)
+        atomic_write(target / DEBIAN_REFERENCE_MANIFEST, lambda tmp_file: tmp_file.write_text(names))
+    return target
+
+
+def _debian_reference_pages(cache_dir: Path | None = None) -> list[Path]:
+    folder = fetch_debian_reference(cache_dir)
+    manifest = folder / DEBIAN_REFERENCE_MANIFEST
+    names = [n.strip() for n in _read_text(manifest).splitlines() if n.strip()]
+    if not names or any("/" in n or n.startswith(".") for n in names):
+        raise CorpusError(f"{manifest} is damaged; delete {folder} to fetch the corpus again")
+    pages = [folder / n for n in names]
+    missing = [p.name for p in pages if not p.is_file()]
+    if missing:
+        raise CorpusError(f"{folder} lacks {missing[0]} listed in its MANIFEST; delete the folder to refetch")
+    return pages
+
+
+class _HtmlText(HTMLParser):
+    """XHTML (DocBook output) -> paragraphs; see the ``debian-reference`` entry of the module docstring."""
+
+    BLOCKS = frozenset(
+        ["p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "div", "blockquote", "ul", "ol", "dl"]
+        + ["body", "caption"]
+    )
+    SKIP_CLASSES = frozenset({"navheader", "navfooter", "toc"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._text: list[str] = []
+        self._stack: list[tuple[str, bool]] = []  # (tag, opens a skipped region)
+        self._skip = 0
+        self._pre = 0
+        self._row: list[str] | None = None
+        self._rows: list[str] | None = None
+
+    def _flush(self) -> None:
+        text = "".join(self._text)
+        self._text = []
+        if self._pre:
+            return
+        if self._row is not None:  # inside a table cell: the text belongs to the cell
+            if text.strip():
+                self._row.append(" ".join(text.split()))
+            return
+        if text.strip():
+            self.paragraphs.append(" ".join(text.split()))
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        classes = set((dict(attrs).get("class") or "").split())
+        skip = tag in ("head", "script", "style") or (tag == "div" and bool(classes & self.SKIP_CLASSES))
+        self._stack.append((tag, skip))
+        if skip:
+            self._skip += 1
+        if self._skip:
+            return
+        if tag == "pre":
+            self._flush()
+            self._pre += 1
+        elif tag == "table":
+            self._flush()
+            self._rows = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th") or tag in self.BLOCKS:
+            self._flush()
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if not self._skip and tag == "br":
+            self._text.append("\n" if self._pre else " ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if not any(t == tag for t, _ in self._stack):
+            return  # a stray end tag
+        while self._stack:
+            open_tag, skip = self._stack.pop()
+            if not self._skip:
+                self._close(open_tag)
+            if skip:
+                self._skip -= 1
+            if open_tag == tag:
+                break
+
+    def _close(self, tag: str) -> None:
+        if tag == "pre" and self._pre:
+            self._pre -= 1
+            if not self._pre:
+                lines = [ln.rstrip() for ln in "".join(self._text).expandtabs().split("\n")]
+                while lines and not lines[0]:
+                    lines.pop(0)
+                while lines and not lines[-1]:
+                    lines.pop()
+                indent = min((len(ln) - len(ln.lstrip()) for ln in lines if ln), default=0)
+                block = "\n".join(ln[indent:] for ln in lines)
+                block = re.sub(r"\n{2,}", "\n", block)  # a blank line would split the block in two
+                self._text = []
+                if block and self._row is not None:
+                    self._row.append(" ".join(block.split()))  # a table cell is one line
+                elif block:
+                    self.paragraphs.append(block)
+        elif tag in ("td", "th"):
+            self._flush()
+        elif tag == "tr" and self._row is not None:
+            self._flush()
+            if self._rows is not None and self._row:
+                self._rows.append(" | ".join(self._row))
+            self._row = None
+        elif tag == "table" and self._rows is not None:
+            if self._rows:
+                self.paragraphs.append("\n".join(self._rows))
+            self._rows = None
+        elif tag in self.BLOCKS:
+            self._flush()
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self._text.append(data)
+
+    def close(self) -> None:
+        super().close()
+        self._flush()
+
+
+def html_paragraphs(html: str) -> list[str]:
+    """The paragraphs of one XHTML page (see the ``debian-reference`` entry of the module docstring)."""
+    parser = _HtmlText()
+    parser.feed(html)
+    parser.close()
+    return parser.paragraphs
+
+
+def _nonfiction_documents(source: str) -> list[str]:
+    """All documents of ``pydoc`` or ``debian-reference`` in their fixed order (before the split)."""
+    if source == "pydoc":
+        return [_PARAGRAPH_SEP.join(paragraphs_from_text(text, italics=False)) for _, text in _pydoc_topics()]
+    return [_PARAGRAPH_SEP.join(html_paragraphs(_read_text(page))) for page in _debian_reference_pages()]
+
+
+def _nonfiction_fingerprint(source: str) -> str:
+    """Name plus a digest of the raw content (topics text, or the HTML pages) for the token-cache key."""
+    digest = hashlib.sha1()
+    if source == "pydoc":
+        for name, text in _pydoc_topics():
+            digest.update(f"{name}\0{text}\0".encode())
+    else:
+        for page in _debian_reference_pages():
+            digest.update(page.name.encode() + b"\0" + _read_bytes(page) + b"\0")
+    return f"{source}|sha1={digest.hexdigest()[:16]}"
+
+
 # --------------------------------------------------------------------------- cleaning
 
 _ITALIC_OPEN = re.compile(r"(?<![\w_])_+(?=[^\s_])")
@@ -304,6 +544,12 @@ def load_documents(source: str, split: str = "eval", *, encoding: str | None = N
             docs.append(
                 _PARAGRAPH_SEP.join(_strip_austen_boilerplate(paragraphs_from_lines(load_austen_novel(name))))
             )
+    elif source in NONFICTION_SOURCES:
+        docs = [
+            d
+            for i, d in enumerate(_nonfiction_documents(source))
+            if (i % NONFICTION_EVAL_EVERY == 0) == (split == "eval")
+        ]
     elif source in HF_SOURCES:
         docs = _load_hf_documents(source, split)
     else:
@@ -327,7 +573,7 @@ def describe(source: str, *, encoding: str | None = None) -> str:
 def _resolve_path(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
-        known = ", ".join(["austen", *HF_SOURCES])
+        known = ", ".join(["austen", *NONFICTION_SOURCES, *HF_SOURCES])
         raise CorpusError(f"corpus path not found: {source} (known corpora: {known}, or a .txt file/dir)")
     return path.resolve()
 
@@ -502,7 +748,10 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _source_fingerprint(source: str, codec: str = "utf-8") -> str:
-    """The corpus identity in the token-cache key: the name, or (local) path, encoding, file sizes/times."""
+    """The corpus identity in the token-cache key: the name (plus a content digest for ``pydoc`` and
+    ``debian-reference``), or (local) path, encoding, file sizes/times."""
+    if source in NONFICTION_SOURCES:
+        return _nonfiction_fingerprint(source)
     if _is_named(source):
         return source
     path = _resolve_path(source)

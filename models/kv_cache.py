@@ -196,7 +196,8 @@ class HeadLayer(CacheLayerMixin):
         has = (self.sink > 0) & (self.cap > 0)
         if not bool(has.any()):
             return
-        n = torch.minimum(self.sink * has, torch.tensor(self.lengths, device=self.device))  # sink slots laid out
+        laid_out = torch.tensor(self.lengths, device=self.device)
+        n = torch.minimum(self.sink * has, laid_out)  # sink slots laid out so far
         heads = torch.repeat_interleave(torch.arange(len(self.sink), device=self.device), n)
         first = torch.cumsum(n, 0) - n
         slots = self.offsets[heads] + torch.arange(heads.numel(), device=self.device) - first[heads]
@@ -370,8 +371,8 @@ class PerHeadCache(Cache):
     def __init__(
         self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None, reindex: bool = False
     ) -> None:
-        """``sink``, ``window``, ``cap``: long tensors (layers, KV heads), ``cap`` the native windows (0: none);
-        made by ``alloc.allocation.applied``."""
+        """``sink``, ``window``, ``cap``: long tensors (layers, KV heads), ``cap`` the native windows
+        (0: none); made by ``alloc.allocation.applied``."""
         caps = [None if cap is None else cap[i].cpu() for i in range(sink.shape[0])]
         super().__init__(
             layers=[HeadLayer(sink[i].cpu(), window[i].cpu(), caps[i]) for i in range(sink.shape[0])]

@@ -7,9 +7,11 @@ head's keys are the intersection with the native pattern ``(t - cap, t]``: a hea
 under cap sees ``([0, sink) U (t - window, t]) & (t - cap, t]``. So once ``t >= cap + sink - 1`` its sinks
 are out of reach for good (the cache drops them), a window beyond the cap buys nothing, and a head with
 ``window >= cap`` is exactly ``(0, cap)`` (:func:`native`). Every measure below takes the cap (``None``:
-the layer is not natively sliding), so Eff.Ctx, realized context and KV bytes count what is really kept. Everything else in headkv -- the masked
-evaluator, the evicting generation cache, the learnable soft gates, every KV-bytes figure -- calls into
-this module, so there is exactly one place that says which keys a head sees and holds:
+the layer is not natively sliding), so Eff.Ctx, realized context and KV bytes count what is really kept.
+Everything else in headkv -- the masked evaluator, the block-sparse path, the evicting generation cache, the
+learnable soft gates, every KV-bytes figure -- calls into this module (the block-sparse tiles of
+:mod:`models.flex` restate ``allowed`` as intervals, tested equal), so there is exactly one place that says
+which keys a head sees and holds:
 
 - ``allowed`` / ``hard_bias``: which keys a query sees (the masked evaluator);
 - ``keep`` / ``slot`` / ``kept_tokens``: which keys a cache still holds after T tokens, where each one
