@@ -82,10 +82,11 @@ import subprocess
 import tempfile
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -168,17 +169,11 @@ def fetch_austen(cache_dir: Path | None = None) -> Path:
     target = Path(cache_dir).expanduser() if cache_dir is not None else common.cache_dir() / "austen"
     if all((target / name).is_file() for name in AUSTEN_FILES):
         return target
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise CorpusError(
-                f"cannot fetch the austen corpus: {tool!r} not found (needs a Debian/Ubuntu "
-                f"system); use a local .txt corpus path instead"
-            )
     log.info("fetching %s with apt-get into %s", AUSTEN_PACKAGE, target)
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="headkv-austen-") as tmp:
-        deb = _apt_extract(AUSTEN_PACKAGE, Path(tmp), "the austen corpus")
-        found = sorted(Path(tmp, "root").rglob("janeaustenr/data/Rdata.rdx"))
+    instead = "use a local .txt corpus path instead"
+    with _apt_package(AUSTEN_PACKAGE, "the austen corpus", instead) as (deb, root):
+        target.mkdir(parents=True, exist_ok=True)
+        found = sorted(root.rglob("janeaustenr/data/Rdata.rdx"))
         if not found:
             raise CorpusError(f"{deb.name} does not contain janeaustenr/data/Rdata.rdx")
         for name in reversed(AUSTEN_FILES):  # .rdb first: the .rdx is the "complete" marker
@@ -186,14 +181,24 @@ def fetch_austen(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def _apt_extract(package: str, tmp: Path, what: str) -> Path:
-    """``apt-get download PACKAGE`` into ``tmp``, ``dpkg-deb -x`` it into ``tmp/root``; returns the .deb."""
-    _run_tool(["apt-get", "download", package], tmp, what)
-    debs = sorted(tmp.glob("*.deb"))
-    if not debs:
-        raise CorpusError(f"apt-get download {package} produced no .deb file")
-    _run_tool(["dpkg-deb", "-x", str(debs[0]), "root"], tmp, what)
-    return debs[0]
+@contextmanager
+def _apt_package(package: str, what: str, instead: str) -> Iterator[tuple[Path, Path]]:
+    """``apt-get download PACKAGE`` and ``dpkg-deb -x`` it in a temporary folder; yields (the .deb, the
+    extracted root), removed on exit. Without apt-get or dpkg-deb: one CorpusError saying what to use
+    ``instead``."""
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise CorpusError(
+                f"cannot fetch {what}: {tool!r} not found (needs a Debian/Ubuntu system); {instead}"
+            )
+    with tempfile.TemporaryDirectory(prefix="headkv-apt-") as name:
+        tmp = Path(name)
+        _run_tool(["apt-get", "download", package], tmp, what)
+        debs = sorted(tmp.glob("*.deb"))
+        if not debs:
+            raise CorpusError(f"apt-get download {package} produced no .deb file")
+        _run_tool(["dpkg-deb", "-x", str(debs[0]), "root"], tmp, what)
+        yield debs[0], tmp / "root"
 
 
 def _run_tool(cmd: list[str], cwd: Path, what: str = "the austen corpus") -> None:
@@ -327,20 +332,13 @@ def fetch_debian_reference(cache_dir: Path | None = None) -> Path:
     )
     if (target / DEBIAN_REFERENCE_MANIFEST).is_file():
         return target
-    what = "the debian-reference corpus"
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise CorpusError(
-                f"cannot fetch {what}: {tool!r} not found (needs a Debian/Ubuntu system); "
-                f"use --corpus pydoc or a local .txt corpus path instead"
-            )
     log.info("fetching %s with apt-get into %s", DEBIAN_REFERENCE_PACKAGE, target)
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="headkv-debref-") as tmp:
-        deb = _apt_extract(DEBIAN_REFERENCE_PACKAGE, Path(tmp), what)
+    instead = "use --corpus pydoc or a local .txt corpus path instead"
+    with _apt_package(DEBIAN_REFERENCE_PACKAGE, "the debian-reference corpus", instead) as (deb, root):
+        target.mkdir(parents=True, exist_ok=True)
         pages = [
             p
-            for p in Path(tmp, "root").rglob("usr/share/debian-reference/*.en.html")
+            for p in root.rglob("usr/share/debian-reference/*.en.html")
             if p.is_file() and p.name[:2] in ("pr", "ch", "ap")
         ]
         if not any(p.name.startswith("ch") for p in pages):

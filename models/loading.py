@@ -111,7 +111,7 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
         q_per_kv=n_heads // n_kv,
         head_dim=head_dim,
         max_positions=getattr(cfg, "max_position_embeddings", 0) or 0,
-        native=native_caps(cfg) if any(native_caps(cfg)) else (),
+        native=native if any(native := native_caps(cfg)) else (),
     )
 
 

