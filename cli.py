@@ -6,12 +6,13 @@
 | evaluate | alloc.evaluate.evaluate, alloc.streaming.run_streams | JSON lines in a results file               |
 | classify | classify.sensitivity.classify_model               | head profile JSON                             |
 | sweep    | alloc.sweep.run_sweep                             | JSON lines, one per configuration (resumable) |
-| plot     | alloc.plots.plot_all, alloc.plots.passkey_heatmaps | PNG figures                                  |
+| plot     | alloc.plots.plot_results                          | PNG figures (sweep, passkey or search file)   |
 | train    | alloc.train.fit                                   | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
 | quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
 | generate | alloc.generate.generate_rows                      | text + KV bytes held, or JSON lines per prompt |
 | passkey  | alloc.passkey.run_passkey_file                    | JSON lines (resumable) + heatmaps             |
+| search   | alloc.search.run_search                           | search.json (resumable), allocation.json, PNG |
 
 Bad input ends with one ``error: ...`` line on stderr and exit code 2, never a traceback, before any compute.
 """
@@ -39,6 +40,7 @@ from alloc.config import (
     PasskeyConfig,
     PlotConfig,
     QuantizeConfig,
+    SearchConfig,
     SweepConfig,
     TrainConfig,
     check_device,
@@ -140,8 +142,8 @@ def _load_model(cfg: Any, seq_len: int | None = None):
     return lm, tok
 
 
-def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str]) -> list[Any]:
-    """Every policy name and allocation file, resolved and checked against the model."""
+def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str], controls=()) -> list[Any]:
+    """Every policy name and allocation file (and its controls), resolved and checked against the model."""
     from alloc.policies import PolicyContext, needs_profile, resolve
     from models.loading import model_shape
 
@@ -151,7 +153,8 @@ def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str]
 
         prof = HeadProfile.load(profile)
         prof.check_model(shape)
-    return resolve(PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof, shape.native), names, files)
+    ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id, prof, shape.native)
+    return resolve(ctx, names, files, controls)
 
 
 def _bos(tokenizer: Any) -> bool:  # blocks, streams and prompts start with BOS: the tokenizer adds one
@@ -273,7 +276,7 @@ def sweep(cfg: SweepConfig) -> None:
     names = expand(cfg.grid)
     check_output(cfg.out)
     lm, tok = _load_model(cfg, cfg.seq_len)
-    entries = _entries(lm, names, cfg.allocation, cfg.profile)
+    entries = _entries(lm, names, cfg.allocation, cfg.profile, cfg.controls)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     info = {**{k: getattr(cfg, k) for k in ("model", "corpus", "split", "tokens", "seq_len")}, "bos": _bos(tok)}
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}; rerun the same command to resume"
@@ -285,23 +288,11 @@ def sweep(cfg: SweepConfig) -> None:
 
 @command(PlotConfig)
 def plot(cfg: PlotConfig) -> None:
-    """Draw the study's figures and the frontier view from a sweep's rows, and a passkey accuracy heatmap
-    (depth x length) per allocation from `headkv passkey` rows."""
-    from alloc.plots import passkey_heatmaps, plot_all
-    from alloc.results import read_rows
-    from alloc.sweep import sweep_rows
+    """Draw the study's figures and the frontier view from a sweep's rows, a passkey accuracy heatmap
+    (depth x length) per allocation from `headkv passkey` rows, or the walk of a `headkv search` file."""
+    from alloc.plots import plot_results
 
-    if not cfg.results:
-        raise ConfigError("give the results file: headkv plot RESULTS.jsonl")
-    if not Path(cfg.results).is_file():
-        raise ConfigError(f"results file {cfg.results} does not exist")
-    check_output(cfg.out, directory=True)
-    rows = sweep_rows(cfg.results)
-    passkey_rows = [r for r in read_rows(cfg.results) if r.get("kind") == "passkey"]
-    if not rows and not passkey_rows:
-        raise ConfigError(f"{cfg.results} holds no sweep or passkey rows: run `headkv sweep` or `headkv passkey` first")
-    paths = (plot_all(rows, cfg.out) if rows else []) + (passkey_heatmaps(passkey_rows, cfg.out) if passkey_rows else [])
-    for path in paths:
+    for path in plot_results(cfg.results, cfg.out):
         typer.echo(f"wrote {path}")
 
 
@@ -429,6 +420,19 @@ def passkey(cfg: PasskeyConfig) -> None:
     typer.echo("\n".join(passkey_table(rows, [e.label for e in entries], cfg.length)))
     for path in passkey_heatmaps(rows, cfg.plots):
         typer.echo(f"wrote {path}")
+
+
+@command(SearchConfig)
+def search(cfg: SearchConfig) -> None:
+    """The smallest average budget whose learned allocation keeps perplexity within --max-ppl-increase of full
+    attention's on the eval split: bisection over budgets, each probe trained warm from the nearest one;
+    writes search.json (the curve walked), allocation.json and search.png (resumable)."""
+    from alloc.search import prepare, run_search, summary
+
+    plan = prepare(cfg)  # every check that needs no model: one error line, nothing written
+    lm, tok = _load_model(cfg, cfg.seq_len)
+    _RESUME["hint"] = f"finished probes are kept in {plan.out_dir}; rerun the same command to resume"
+    typer.echo(summary(run_search(plan, lm, tok, typer.echo, _stage_bars(), bar=True)))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,15 @@ class SweepConfig:
     grid: dict = opt({"full": None}, "Policy-name templates and their values (YAML only).")
     attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
     allocation: list[str] = opt([], "Allocation JSON file to add to the grid's rows. Repeatable.")
+    controls: list[str] = opt([], "Also measure these controls of each allocation file, at its Eff.Ctx: "
+                              "shuffled (windows permuted across heads), layer_mean. Repeatable.")
+
+    def check(self) -> None:
+        from alloc.policies import CONTROLS
+
+        bad = [c for c in self.controls if c not in CONTROLS]
+        if bad:
+            raise ConfigError(f"--controls must be among {', '.join(CONTROLS)}, got {bad[0]!r}")
 
 
 @dataclass
@@ -207,7 +216,9 @@ class TrainConfig:
     corpus: str = opt("austen", "Training text (its TRAIN split only): austen, a .txt file or folder.")
     encoding: Optional[str] = opt(None, "Text encoding of a local corpus (default strict UTF-8).")
     budget: Optional[float] = opt(None, "Average Eff.Ctx (sink + mean window) to learn under (required).")
-    sink: int = opt(4, "Fixed sink tokens of every head.", lo=0, hi=10**6)
+    sink: int = opt(4, "Fixed sink tokens of every head (the start of learned ones).", lo=0, hi=10**6)
+    sink_max: int = opt(0, "Learn each head's sinks too, in [0, sink_max], counted in Eff.Ctx (0: fixed).",
+                        lo=0, hi=10**6)
     seq_len: int = opt(1024, "Tokens per training block; also the largest window.", lo=2, hi=10**7)
     batch_size: int = opt(1, "Blocks per device per step.", lo=1, hi=10**6)
     max_steps: int = opt(100, "Optimizer steps.", lo=1, hi=10**8)
@@ -217,7 +228,9 @@ class TrainConfig:
     tau_start: float = opt(8.0, "Soft-edge temperature at the first step.")
     tau_end: float = opt(2.0, "Soft-edge temperature at the last step (the export is hard either way).")
     tau_schedule: str = opt("exp", "exp, linear or const.")
-    objective: str = opt("kl", "kl (distil full attention) or ce (language-model loss).")
+    objective: str = opt("kl", "kl (distil full attention), ce (language-model loss) or mix (their mean).")
+    init: Optional[str] = opt(None, "Warm start: an allocation JSON whose windows start the gates (default: "
+                              "StreamingLLM at the budget).")
     n_blocks: int = opt(0, "Training blocks; 0 = max_steps x global batch.", lo=0, hi=10**8)
     val_blocks: int = opt(4, "Held-out TRAIN-split blocks for evaluation; 0 = none.", lo=0, hi=10**6)
     eval_every: int = opt(25, "Steps between hard-export evaluations (and heatmaps).")
@@ -266,7 +279,7 @@ class TrainConfig:
         choices = {
             "tau_schedule": ("exp", "linear", "const"),
             "lr_schedule": ("const", "cosine"),
-            "objective": ("kl", "ce"),
+            "objective": ("kl", "ce", "mix"),
             "wandb_mode": ("auto", "online", "offline", "disabled"),
             "dtype": ("float32", "bfloat16", "float16"),
             "attention": ("auto", "flex", "dense"),
@@ -292,6 +305,9 @@ class TrainConfig:
             check_budget(float(self.budget), self.sink, self.seq_len)
         except GateError as e:
             raise TrainError(str(e)) from None
+        if self.sink_max and not self.sink <= self.sink_max < self.budget:
+            raise TrainError(f"sink_max must lie in [sink, budget), got {self.sink_max} (sink {self.sink}, "
+                             f"budget {self.budget:g})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -424,3 +440,45 @@ def check_output(path: str | Path, *, directory: bool = False) -> None:
     finally:
         for p in reversed(made):
             p.rmdir()
+
+
+@dataclass
+class SearchConfig:
+    """`headkv search`: the smallest average budget whose learned allocation keeps perplexity within
+    ``max_ppl_increase`` of full attention's on the eval split (alloc/search.py)."""
+
+    model: str = opt("smollm2-135m", MODEL)
+    corpus: str = opt("austen", CORPUS + " Probes train on its TRAIN split; the target is met on its EVAL split.")
+    encoding: Optional[str] = opt(None, ENCODING)
+    seq_len: int = opt(1024, "Tokens per block, in training and evaluation; KV bytes are counted at this length.",
+                       lo=2, hi=MAX_TOKENS)
+    max_ppl_increase: float = opt(0.02, "Largest relative perplexity increase over full attention on the eval split "
+                                  "(0.02: PPL <= 1.02 x full attention's).")
+    budget_min: int = opt(16, "Smallest average budget (Eff.Ctx) considered; probed second.", lo=1, hi=MAX_TOKENS)
+    budget_max: int = opt(512, "Largest average budget considered; probed first, it must meet the target.",
+                          lo=1, hi=MAX_TOKENS)
+    tolerance: float = opt(0.1, "Bisection stop: the passing budget within 1 + tolerance of the failing one "
+                           "(or next to it).", lo=0.0, hi=100.0)
+    n_blocks: int = opt(8, "Eval-split blocks of --seq-len tokens scored per probe (8 x 1024 = `headkv evaluate`'s "
+                        "8192 tokens).", lo=1, hi=10**6)
+    train_config: Optional[str] = opt(None, "Train YAML (TrainConfig keys) of every probe (default configs/train.yaml "
+                                      "where it exists); the search sets budget, init, model, corpus, encoding, "
+                                      "seq_len, seed, threads and wandb_mode over it.")
+    max_steps: Optional[int] = opt(None, "Training steps per probe (default: the train config's).", lo=1, hi=10**8)
+    seed: int = opt(0, "Training seed of every probe.", lo=0, hi=2**32 - 1)
+    threads: int = opt(0, "torch threads (0 = torch's choice).", lo=0, hi=4096)
+    wandb_mode: str = opt("disabled", "wandb logging of each probe's training.",
+                          choices=("auto", "online", "offline", "disabled"))
+    device: str = opt("cpu", "Evaluation device: " + DEVICE + " Training runs on the train config's accelerator.")
+    dtype: Optional[str] = opt(None, "Evaluation dtype: " + DTYPE + " Training uses the train config's dtype.",
+                               choices=DTYPES)
+    attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
+    out_dir: Optional[str] = opt(None, "Search folder (default runs/search-<model>-<corpus>-<seq_len>-<increase>): "
+                                 "search.json, allocation.json, search.png and probes/b<B>/ (resumable).")
+
+    def check(self) -> None:
+        if not self.max_ppl_increase > 0:
+            raise ConfigError(f"--max-ppl-increase must be > 0 (a relative increase: 0.02 = 2%), "
+                              f"got {self.max_ppl_increase:g}")
+        if self.budget_min >= self.budget_max:
+            raise ConfigError(f"--budget-min ({self.budget_min}) must be below --budget-max ({self.budget_max})")

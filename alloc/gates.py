@@ -73,17 +73,22 @@ def solve_shift(
     return torch.tensor(0.5 * (lo + hi), dtype=torch.float64)
 
 
-def budget_windows(z: torch.Tensor, mean_window: float, cap: int | torch.Tensor) -> torch.Tensor:
+def budget_windows(
+    z: torch.Tensor, mean_window: float | torch.Tensor, cap: int | torch.Tensor
+) -> torch.Tensor:
     """Float windows (same shape as z, each in [1, cap]) with the exact mean ``mean_window``,
-    differentiable in z; ``cap`` an int or a tensor shaped like z."""
+    differentiable in z (and in ``mean_window`` when it is a tensor that requires grad, e.g. the budget
+    left by learned sinks); ``cap`` an int or a tensor shaped like z."""
     span = torch.as_tensor(cap, dtype=torch.float64, device=z.device).expand(z.shape) - 1
-    b_star = solve_shift(z, mean_window, span + 1).to(z.device)
+    m = torch.as_tensor(mean_window, dtype=torch.float64, device=z.device)
+    b_star = solve_shift(z, float(m), span + 1).to(z.device)
     zd = z.double()
     with torch.no_grad():
         s = torch.sigmoid(zd + b_star)
         slope = span * s * (1 - s)  # d window / d(z + b), (L, H)
-    # value b*, gradient -sum_j slope_j dz_j / sum_j slope_j (implicit function theorem)
-    b = b_star - (slope * (zd - zd.detach())).sum() / slope.sum().clamp_min(1e-300)
+    # value b*, gradient -sum_j slope_j dz_j / sum_j slope_j and n / sum_j slope_j dm (implicit function)
+    total = slope.sum().clamp_min(1e-300)
+    b = b_star - (slope * (zd - zd.detach())).sum() / total + (m - m.detach()) * z.numel() / total
     w = 1.0 + span * torch.sigmoid(zd + b)
     return w.to(z.dtype)
 
@@ -107,7 +112,7 @@ def round_to_budget(windows: torch.Tensor, total: int, cap: int | torch.Tensor) 
 class SoftMask:
     """A mask provider for ``models.attention.windowed``: the soft gate at one temperature."""
 
-    sink: torch.Tensor  # (L, H) long
+    sink: torch.Tensor  # (L, H) long, or float (learned sinks, may require grad)
     window: torch.Tensor  # (L, H) float, may require grad
     tau: float
     cap: torch.Tensor | None = None  # (L, H) long native windows (0: none), or None
@@ -118,14 +123,23 @@ class SoftMask:
 
 
 class WindowGates(nn.Module):
-    """One learnable window per (layer, KV head), sinks fixed, mean Eff.Ctx == budget by construction."""
+    """One learnable window per (layer, KV head), mean Eff.Ctx == budget by construction. Sinks are fixed
+    (``sink``), or with ``sink_max`` > 0 learned per head too: ``sink_max * sigmoid(y)``, started at
+    ``sink``, a soft edge like the window's (:func:`models.window.soft_bias`), counted in Eff.Ctx, so a
+    head that keeps more sinks leaves less window to all (the shift is solved for ``budget - mean sink``,
+    its gradient reaching the sink logits). Heads of natively sliding layers keep the fixed sinks (they
+    expire there and are not counted)."""
 
     def __init__(
-        self, shape: tuple[int, int], budget: float, seq_len: int, sink: int = 4, native: tuple[int, ...] = ()
+        self, shape: tuple[int, int], budget: float, seq_len: int, sink: int = 4,
+        native: tuple[int, ...] = (), sink_max: int = 0,
     ) -> None:
         super().__init__()
         if sink < 0:
             raise GateError(f"sink must be >= 0, got {sink}")
+        if sink_max and not sink <= sink_max < budget:
+            raise GateError(f"learned sinks need sink <= sink_max < budget, got sink {sink}, sink_max "
+                            f"{sink_max}, budget {budget:g}")
         self.shape = tuple(shape)
         self.budget = float(budget)
         self.seq_len = int(seq_len)
@@ -139,6 +153,10 @@ class WindowGates(nn.Module):
         self.register_buffer("max_window", torch.where(caps > 0, caps.clamp(max=seq_len), seq_len),
                              persistent=False)
         self.counted_sink = float(torch.where(caps > 0, 0, sink).double().mean())
+        self.sink_max = int(sink_max)
+        if self.sink_max:  # the learned sinks' logits, started at `sink`
+            frac = min(max(sink / self.sink_max, 1e-3), 1 - 1e-3)
+            self.sink_logits = nn.Parameter(torch.full(shape, math.log(frac / (1 - frac))))
         self._check(self.budget)
 
     def _check(self, budget: float) -> None:
@@ -151,27 +169,59 @@ class WindowGates(nn.Module):
                 f"[{self.counted_sink + 1:g}, {top:g}]"
             )
 
+    def sinks(self) -> torch.Tensor:
+        """Sinks (L, H): the fixed long tensor, or the learned float ones (differentiable)."""
+        if not self.sink_max:
+            return self.sink
+        learned = self.sink_max * torch.sigmoid(self.sink_logits)
+        return torch.where(self.cap > 0, self.sink.to(learned.dtype), learned)
+
+    def _counted(self) -> float | torch.Tensor:
+        """The mean sink Eff.Ctx counts (none on natively sliding layers): a tensor when learned."""
+        if not self.sink_max:
+            return self.counted_sink
+        return torch.where(self.cap > 0, 0.0, self.sinks()).double().mean()
+
+    def warm_start(self, alloc: Allocation) -> None:
+        """Start from an allocation's windows instead of StreamingLLM: each logit is set so that the head's
+        window, at shift 0, is the allocation's (cut to the head's largest window); the budget's shift is
+        then solved as always, so another budget (or sequence length) scales them to this run's budget."""
+        _, w = alloc.tensors()
+        top = self.max_window.double()
+        frac = ((torch.minimum(w.double(), top) - 1) / (top - 1).clamp(min=1)).clamp(1e-4, 1 - 1e-4)
+        with torch.no_grad():
+            self.logits.copy_(torch.logit(frac).to(self.logits.dtype))
+            if self.sink_max:
+                s, _ = alloc.tensors()
+                s = (s.double() / self.sink_max).clamp(1e-3, 1 - 1e-3)
+                self.sink_logits.copy_(torch.logit(s).to(self.sink_logits.dtype))
+
     def windows(self, budget: float | None = None) -> torch.Tensor:
         """Float windows (L, H) in [1, max_window], mean Eff.Ctx = budget; differentiable in the logits."""
         budget = self.budget if budget is None else float(budget)
         self._check(budget)
-        return budget_windows(self.logits, budget - self.counted_sink, self.max_window)
+        return budget_windows(self.logits, budget - self._counted(), self.max_window)
 
     def eff_ctx(self) -> float:
-        return self.counted_sink + float(self.windows().detach().double().mean())
+        return float(self._counted()) + float(self.windows().detach().double().mean())
 
     def mask(self, tau: float) -> SoftMask:
         """The soft mask at temperature ``tau`` (windows computed once for all layers)."""
-        return SoftMask(self.sink, self.windows(), float(tau), self.cap if self.native else None)
+        return SoftMask(self.sinks(), self.windows(), float(tau), self.cap if self.native else None)
 
     def export(
         self, budget: float | None = None, model_id: str = "", q_per_kv: int = 1, **meta: Any
     ) -> Allocation:
         """Integer windows, mean Eff.Ctx <= budget, as close as rounding allows."""
         budget = self.budget if budget is None else float(budget)
+        sink, counted = self.sink.cpu(), self.counted_sink
         with torch.no_grad():
-            w = self.windows(budget).cpu()
-        total = math.floor(w.numel() * (budget - self.counted_sink) + 1e-6)
+            if self.sink_max:  # integer sinks first, then the windows re-solved for what they leave
+                sink = self.sinks().round().long().cpu()
+                counted = float(torch.where(self.cap.cpu() > 0, 0, sink).double().mean())
+            self._check(budget)
+            w = budget_windows(self.logits, budget - counted, self.max_window).cpu()
+        total = math.floor(w.numel() * (budget - counted) + 1e-6)
         windows = round_to_budget(w, total, self.max_window.cpu())
         meta = {
             "policy": learned_name(budget, meta.get("objective", "kl")),
@@ -180,8 +230,10 @@ class WindowGates(nn.Module):
             "seq_len": self.seq_len,
             **meta,
         }
+        if self.sink_max:
+            meta["sink_max"] = self.sink_max
         return Allocation.from_tensors(
-            self.sink.cpu(), windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta, native=self.native
+            sink, windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta, native=self.native
         )
 
 

@@ -8,6 +8,8 @@
 5. ``inverse.png``: the inverse experiment (I family)
 6. ``frontier.png``: PPL vs Eff.Ctx with the B frontier, and every configuration's distance from it
 
+Also: ``search.png`` from a `headkv search` file (:func:`search_figure`), a passkey heatmap per allocation.
+
 Any subset of rows can be drawn: a figure whose families are missing (no A, no G, fewer than two B rows
 for the frontier, ...) is skipped with a log message, and ``ppl_vs_ctx.png`` is always drawn. Every PNG
 is written atomically (:func:`models.common.atomic_write`).
@@ -366,3 +368,66 @@ def window_heatmap(alloc: Any, path: str | Path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="window (tokens)")
     fig.tight_layout()
     return _save(fig, Path(path))
+
+
+def search_figure(state: dict[str, Any], path: str | Path) -> Path:
+    """`headkv search`'s walk: PPL vs average budget of every probe, numbered in the order walked (green:
+    meets the target, red: misses it), the target and full attention's PPL as lines, the chosen budget marked.
+    Error bars: the paired 95% interval of each probe's increase over full attention (same blocks resampled),
+    as PPL; the unpaired interval of a PPL is mostly the blocks' spread that every probe shares."""
+    rows = sorted(state["curve"], key=lambda r: r["budget"])
+    s, full, target = state.get("settings", {}), state["full"]["ppl"], state["target_ppl"]
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    if rows:
+        ax.plot([r["budget"] for r in rows], [r["ppl"] for r in rows], "-", color="grey", lw=1, zorder=1)
+    for n, r in enumerate(state["curve"], 1):
+        colour = "tab:green" if r["passes"] else "tab:red"
+        lo, hi = r.get("increase_lo"), r.get("increase_hi")
+        err = None if lo is None or hi is None else [[max(r["ppl"] - full * (1 + lo), 0)],
+                                                     [max(full * (1 + hi) - r["ppl"], 0)]]
+        ax.errorbar(r["budget"], r["ppl"], yerr=err, fmt="o", color=colour, capsize=3, zorder=3)
+        ax.annotate(str(n), (r["budget"], r["ppl"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(full, color="grey", ls="--", lw=1, label=f"full attention ({full:.3f})")
+    ax.axhline(target, color="tab:orange", ls=":", lw=1.5,
+               label=f"target ({target:.3f}: +{s.get('max_ppl_increase', target / full - 1):.1%})")
+    chosen = state.get("chosen")
+    if chosen:
+        ax.axvline(chosen["budget"], color="tab:blue", lw=1, alpha=0.6)
+        ax.plot(chosen["budget"], chosen["ppl"], "*", ms=16, color="tab:blue", zorder=4,
+                label=f"chosen: budget {chosen['budget']} (Eff.Ctx {chosen['eff_ctx']:.1f})")
+    ax.plot([], [], "o", color="tab:green", label="meets the target")
+    ax.plot([], [], "o", color="tab:red", label="misses it (bars: paired 95% interval vs full)")
+    where = f"{s.get('model', '?')} on {s.get('corpus', '?')}, {s.get('seq_len', '?')} tokens"
+    ax.set(xscale="log", xlabel="average budget (Eff.Ctx of the learned allocation)",
+           ylabel="perplexity (eval split)", title=f"headkv search: {where} (probes numbered in order)")
+    ax.xaxis.set_major_locator(LogLocator(base=2))
+    ax.xaxis.set_major_formatter(PLAIN)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_results(results: str | Path, out: str | Path) -> list[Path]:
+    """`headkv plot RESULTS`: the study's figures from a sweep's rows, a passkey heatmap per allocation from
+    `headkv passkey` rows, or the search figure (``search.png``) from a `headkv search` file (told apart by
+    content); one ConfigError line when the file holds none of them."""
+    from alloc.config import ConfigError, check_output
+    from alloc.results import read_rows, read_search
+    from alloc.sweep import sweep_rows
+
+    if not results:
+        raise ConfigError("give the results file: headkv plot RESULTS.jsonl")
+    if not Path(results).is_file():
+        raise ConfigError(f"results file {results} does not exist")
+    check_output(out, directory=True)
+    state = read_search(results)
+    if state is not None:
+        return [search_figure(state, Path(out) / "search.png")]
+    rows = sweep_rows(results)
+    passkey_rows = [r for r in read_rows(results) if r.get("kind") == "passkey"]
+    if not rows and not passkey_rows:
+        raise ConfigError(f"{results} holds no sweep or passkey rows: run `headkv sweep` or `headkv passkey` "
+                          "first")
+    return (plot_all(rows, out) if rows else []) + (passkey_heatmaps(passkey_rows, out) if passkey_rows
+                                                    else [])

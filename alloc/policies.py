@@ -159,6 +159,41 @@ def uniform_aware(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
     return _uniform(ctx, STUDY_SINK, w, budget=w + STUDY_SINK)
 
 
+# ---- controls of a (learned) allocation: the same budget, its structure destroyed -----------------------
+CONTROLS = ("shuffled", "layer_mean")
+
+
+def control(alloc: Allocation, kind: str, seed: int = 0) -> Allocation:
+    """A control of ``alloc`` with exactly its Eff.Ctx: ``shuffled`` permutes the (sink, window) pairs across
+    all heads (seeded; only among heads of layers with the same native cap, so no head is given keys its
+    layer never sees); ``layer_mean`` gives every head of a layer that layer's mean window (integers, the
+    total kept exactly by largest remainder, each window within its cap). Which head gets the context is
+    what the first tests; how much each layer gets, the second."""
+    import torch
+
+    from alloc.gates import round_to_budget
+
+    if kind not in CONTROLS:
+        raise AllocationError(f"unknown control '{kind}' (one of {', '.join(CONTROLS)})")
+    sink, window, caps = alloc.effective()  # what each head really keeps under its layer's cap
+    caps = torch.zeros_like(window) if caps is None else caps
+    if kind == "shuffled":
+        gen = torch.Generator().manual_seed(seed)
+        s, w, c = sink.flatten().clone(), window.flatten().clone(), caps.flatten()
+        for cap in c.unique():
+            idx = (c == cap).nonzero().flatten()
+            perm = idx[torch.randperm(len(idx), generator=gen)]
+            s[idx], w[idx] = sink.flatten()[perm], window.flatten()[perm]
+        sink, window = s.view_as(sink), w.view_as(window)
+    else:
+        means = window.double().mean(1, keepdim=True).expand_as(window)
+        top = torch.where(caps > 0, caps, torch.iinfo(torch.int64).max // 4)
+        window = round_to_budget(means, int(window.sum()), top)
+    meta = {**alloc.meta, "policy": f"{alloc.name}~{kind}", "control": kind, "control_of": alloc.name}
+    return Allocation.from_tensors(sink, window, model_id=alloc.model_id, q_per_kv=alloc.q_per_kv,
+                                   meta=meta, native=alloc.native)
+
+
 # ---- the one resolver: policy names and allocation files -> rows to measure ---------------------------
 @dataclass(frozen=True)
 class Entry:
@@ -169,9 +204,10 @@ class Entry:
     source: dict[str, Any]
 
 
-def resolve(ctx: PolicyContext, names: list[str], files: list[str]) -> list[Entry]:
+def resolve(ctx: PolicyContext, names: list[str], files: list[str], controls: Any = ()) -> list[Entry]:
     """Every policy name and allocation file as an Entry, all checked against the model before anything
-    runs. Labels are for display only (results are keyed by content) and are made unique here."""
+    runs, each file followed by its ``controls`` (:func:`control`). Labels are for display only (results
+    are keyed by content) and are made unique here."""
     from alloc.results import file_hash
 
     entries = [Entry(n, None, {"policy": "full"}) if n == "full"
@@ -181,7 +217,11 @@ def resolve(ctx: PolicyContext, names: list[str], files: list[str]) -> list[Entr
         alloc.check_model(ctx.model_id, ctx.shape, ctx.q_per_kv)
         alloc = alloc.bound(ctx.native)
         label = str(alloc.meta.get("policy") or Path(f).stem)
-        entries.append(Entry(label, alloc, {"file": str(f), "file_sha256": file_hash(f)}))
+        source = {"file": str(f), "file_sha256": file_hash(f)}
+        entries.append(Entry(label, alloc, source))
+        for kind in controls:
+            derived = control(alloc.with_meta(policy=label), kind)
+            entries.append(Entry(derived.name, derived, {**source, "control": kind}))
     labels = unique_labels([e.label for e in entries], [e.source.get("file") for e in entries])
     return [Entry(lab, e.allocation, e.source) for lab, e in zip(labels, entries, strict=True)]
 

@@ -113,3 +113,26 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
                 raise ResultsError(f"results file {path}, line {n}: a row must be a JSON object")
             if row is not None:
                 yield row
+
+
+def read_search(path: str | Path) -> dict[str, Any] | None:
+    """The state a `headkv search` wrote (its search.json), or None when the file is not one -- told apart by
+    content: one JSON object of ``"kind": "search"``. A search file that lacks its parts is one error line."""
+    try:
+        state = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):  # not JSON as a whole (JSON lines, binary, empty): not a search file
+        return None
+    if not isinstance(state, dict) or state.get("kind") != "search":
+        return None
+    rows = state.get("curve")
+    ok = {
+        "settings": isinstance(state.get("settings"), dict),
+        "full": isinstance(state.get("full"), dict) and isinstance(state["full"].get("ppl"), (int, float)),
+        "target_ppl": isinstance(state.get("target_ppl"), (int, float)),
+        "curve": isinstance(rows, list) and all(isinstance(r, dict) and {"budget", "ppl", "passes"} <= set(r)
+                                                for r in rows),
+    }
+    lacking = [k for k, good in ok.items() if not good]
+    if lacking:
+        raise ResultsError(f"{path}: a search file with a missing or malformed {', '.join(lacking)}")
+    return state

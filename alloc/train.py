@@ -1,10 +1,10 @@
 """Learn per-head windows on a frozen model: a thin LightningModule + DataModule around ``WindowGates``.
 
-Objective (default ``kl``): KL(teacher || student) per next-token distribution, where the teacher is the
-same frozen model with full attention (outside ``windowed``; no grad, computed once per block: every
-training block is distinct by default) and the student is that model under the gates' soft mask.
-``ce`` trains on the language-model loss instead. Only the gate logits are parameters of the module: the
-frozen model is held outside the module tree, so checkpoints (and DDP) see the gates only.
+Objective (default ``kl``): KL(teacher || student) per next-token distribution, where the teacher is the same
+frozen model with full attention (outside ``windowed``; no grad, computed once per block: every training block
+is distinct by default) and the student is that model under the gates' soft mask. ``ce`` trains on the
+language-model loss instead, ``mix`` on the mean of the two (per token). Only the gate logits are parameters
+of the module: the frozen model is held outside the module tree, so checkpoints (and DDP) see the gates only.
 
 Data: blocks of the corpus's TRAIN split (``token_blocks(split="train")``). A few of them, spread over
 the split and disjoint from the training blocks, are held out for the periodic hard-export evaluation;
@@ -86,7 +86,7 @@ def distill_loss(
     ``backend``: the student's attention kernel (:func:`models.attention.windowed`); "auto"/"flex" take
     FlexAttention with the soft window as a score_mod on CUDA, the dense soft bias on CPU (no backward there).
     """
-    if objective == "kl":
+    if objective in ("kl", "mix"):
         with torch.no_grad():  # the teacher: the same frozen model, full attention
             teacher = scoring.hidden(lm, tokens)  # (B, T, H)
     masks = gates.mask(tau)
@@ -97,7 +97,8 @@ def distill_loss(
         student = scoring.hidden(lm, tokens)  # (B, T, H)
     if objective == "ce":
         return scoring.chunked_ce(lm, student, tokens)
-    return scoring.chunked_kl(lm, student, teacher) / (tokens.shape[0] * tokens.shape[1])
+    kl = scoring.chunked_kl(lm, student, teacher) / (tokens.shape[0] * tokens.shape[1])
+    return kl if objective == "kl" else 0.5 * (kl + scoring.chunked_ce(lm, student, tokens))
 
 
 def _kept_scores(lm: Any, tokens: torch.Tensor) -> int:
@@ -190,7 +191,10 @@ class GateModule(L.LightningModule):
         shape = model_shape(lm)
         self.cfg, self.run_id, self.model_shape = cfg, run_id, shape
         object.__setattr__(self, "lm", lm)  # not a submodule: never checkpointed, never wrapped by DDP
-        self.gates = WindowGates(shape.shape, float(cfg.budget), cfg.seq_len, cfg.sink, shape.native)
+        self.gates = WindowGates(shape.shape, float(cfg.budget), cfg.seq_len, cfg.sink, shape.native,
+                                 cfg.sink_max)
+        if cfg.init:  # warm start (a resume then loads the checkpoint's logits over these)
+            self.gates.warm_start(load_init(cfg.init, shape))
         self.val_blocks = val_blocks
         self.history: list[dict[str, float]] = []
 
@@ -253,6 +257,9 @@ class GateModule(L.LightningModule):
                 "windows/max": float(w.max()),
             }
         )
+        if self.gates.sink_max:
+            s = self.gates.sinks().detach()
+            stats.update({"sinks/mean": float(s.double().mean()), "sinks/max": float(s.max())})
         self.log_dict(stats, batch_size=1)
 
     def _hard_eval(self) -> None:
@@ -269,6 +276,18 @@ class GateModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         log_heatmap(self.loggers, alloc, self.trainer.default_root_dir, row["step"])
+
+
+def load_init(path: str | Path, shape: Any) -> Allocation:
+    """The allocation a run warm-starts from, checked against the model: one TrainError line otherwise."""
+    from alloc.allocation import AllocationError
+
+    try:
+        alloc = Allocation.load(path)
+        alloc.check_model(shape.model_id, shape.shape, shape.q_per_kv)
+    except AllocationError as e:
+        raise TrainError(f"--init: {e}") from None
+    return alloc
 
 
 def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
@@ -312,6 +331,7 @@ RESUME_KEYS = (
     "encoding",
     "budget",
     "sink",
+    "sink_max",
     "seq_len",
     "batch_size",
     "max_steps",
@@ -322,6 +342,7 @@ RESUME_KEYS = (
     "tau_end",
     "tau_schedule",
     "objective",
+    "init",
     "n_blocks",
     "val_blocks",
     "dtype",
@@ -408,6 +429,13 @@ def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, to
         bad.append("gates.logits")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         bad.append("global_step")
+    sink_logits = state.get("gates.sink_logits")
+    learned_sinks = isinstance(meta["config"], dict) and bool(meta["config"].get("sink_max"))
+    if learned_sinks != (sink_logits is not None) or not (
+        sink_logits is None or isinstance(sink_logits, torch.Tensor) and sink_logits.is_floating_point()
+        and "shape" not in bad and tuple(sink_logits.shape) == tuple(shape)
+    ):
+        bad.append("gates.sink_logits")
     native = meta.get("native", [])
     if not (isinstance(native, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
                                              for c in native)
@@ -479,8 +507,8 @@ def export_checkpoint(path: str | Path, budget: float | None = None, model_shape
     cfg = TrainConfig.from_dict(meta["config"])
     budget = float(cfg.budget if budget is None else budget)
     native = tuple(int(c) for c in meta.get("native") or ())
-    gates = WindowGates(tuple(meta["shape"]), float(cfg.budget), cfg.seq_len, cfg.sink, native)
-    gates.load_state_dict({"logits": state["gates.logits"]})
+    gates = WindowGates(tuple(meta["shape"]), float(cfg.budget), cfg.seq_len, cfg.sink, native, cfg.sink_max)
+    gates.load_state_dict({k.removeprefix("gates."): v for k, v in state.items() if k.startswith("gates.")})
     return gates.export(
         budget,
         model_id=meta["model_id"],
@@ -617,6 +645,8 @@ def fit(
             raise TrainError(f"cannot resume {meta['path']}: it holds no optimizer, scheduler and loop state")
         check_resume(meta["config"], cfg, meta["path"])
         resume, step = meta["path"], meta["global_step"]
+    if cfg.init:  # before anything is written
+        load_init(cfg.init, model_shape(lm))
     if lm.dtype != cfg.torch_dtype:
         have = str(lm.dtype).removeprefix("torch.")
         raise TrainError(f"the model is {have} but the run's dtype is {cfg.dtype}")

@@ -5,7 +5,8 @@
     python bench/train_step.py --random-init pythia-2.8b --dtype bfloat16 --device cuda
 
 * ``train_step``: what ``alloc.train`` does per step: teacher forward (full attention, no grad), student
-  forward under the soft gates, KL, backward into the gate logits only, Adam step.
+  forward under the soft gates, KL, backward into the gate logits only, Adam step. ``train_step_ce``: the
+  same with the cross-entropy objective (no teacher).
 * ``plain_fwd_bwd``: the same model and blocks, stock attention, language-model loss, backward into
   every weight (weights made trainable for this measurement only) -- the cost of an ordinary training step.
 * ``teacher_fwd``: the no-grad full-attention forward alone.
@@ -92,9 +93,9 @@ def measure(lm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace)
     gates = WindowGates(shape.shape, args.budget, args.seq_len, args.sink).to(args.device)
     opt = torch.optim.Adam(gates.parameters(), lr=0.05)
 
-    def train_step() -> None:
+    def train_step(objective: str = "kl") -> None:
         opt.zero_grad()
-        distill_loss(lm, gates, blocks, tau=2.0).backward()
+        distill_loss(lm, gates, blocks, tau=2.0, objective=objective).backward()
         opt.step()
 
     def teacher_fwd() -> None:
@@ -106,7 +107,11 @@ def measure(lm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace)
         F.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten()).backward()
         lm.zero_grad(set_to_none=True)
 
-    out = {"train_step_s": timed(train_step, args), "teacher_fwd_s": timed(teacher_fwd, args)}
+    out = {
+        "train_step_s": timed(train_step, args),
+        "train_step_ce_s": timed(lambda: train_step("ce"), args),
+        "teacher_fwd_s": timed(teacher_fwd, args),
+    }
     for p in lm.parameters():
         p.requires_grad_(True)
     try:
@@ -114,6 +119,7 @@ def measure(lm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace)
     finally:
         freeze(lm)
     out["ratio_step_to_plain"] = out["train_step_s"] / out["plain_fwd_bwd_s"]
+    out["ratio_ce_step_to_plain"] = out["train_step_ce_s"] / out["plain_fwd_bwd_s"]
     return out
 
 

@@ -268,8 +268,8 @@ def _block_sparse(state: _State, query: torch.Tensor) -> bool:
     masks = state.masks
     if not isinstance(masks, HardMask):
         window = getattr(masks, "window", None)
-        if window is None or not hasattr(masks, "tau"):
-            return False
+        if window is None or not hasattr(masks, "tau") or masks.sink.is_floating_point():
+            return False  # learned (soft) sinks: the dense soft bias only
         if window.requires_grad and torch.is_grad_enabled() and query.device.type != "cuda":
             return False  # FlexAttention has no backward on CPU: the dense soft bias trains there
     from models import flex

@@ -97,14 +97,97 @@ def soft_bias(
 ) -> torch.Tensor:
     """Differentiable bias (H, Q, K); ``window`` may be a float tensor that requires grad.
 
-    Sinks, the causal limit and the native cap stay hard; only the window edge is soft.
+    Sinks, the causal limit and the native cap stay hard; only the window edge is soft -- unless ``sink``
+    is a float tensor (learned sinks): then key k is a sink with the soft edge ``sigmoid((sink - 0.5 - k) /
+    tau)`` and the bias is the log of the probability that the sinks or the window keep it. When queries and
+    keys are the same positions 0..T-1 (a training block) the bias depends on the distance q - k only, so
+    it is computed once per distance and laid out by index (:class:`_DistanceBias`: the same values and
+    gradient, about a fifth of the elementwise work, and nothing (H, T, T) kept for the backward).
     """
+    t = q_pos.shape[-1]
+    if (q_pos.dim() == 1 and k_pos.dim() == 1 and k_pos.shape[0] == t and not sink.is_floating_point()
+            and _is_range(q_pos) and _is_range(k_pos)):
+        return _DistanceBias.apply(window, sink, cap, t, float(tau))
+    return _soft_bias_dense(q_pos, k_pos, sink, window, tau, cap)
+
+
+def _is_range(p: torch.Tensor) -> bool:
+    return bool(p[0] == 0) and bool((p == torch.arange(len(p), device=p.device)).all())
+
+
+_DISTANCE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _distances(t: int, device: torch.device) -> torch.Tensor:
+    """(T, T) long: q - k where k <= q, else T (the index of the 'not causal' slot)."""
+    key = (t, str(device))
+    if key not in _DISTANCE:
+        if len(_DISTANCE) > 8:
+            _DISTANCE.clear()
+        i = torch.arange(t, device=device)
+        d = i.view(-1, 1) - i.view(1, -1)
+        _DISTANCE[key] = torch.where(d >= 0, d, t)
+    return _DISTANCE[key]
+
+
+class _DistanceBias(torch.autograd.Function):
+    """``soft_bias`` for queries and keys at 0..T-1: per-head values by distance, gathered to (H, T, T)."""
+
+    @staticmethod
+    def _layout(per_distance: torch.Tensor, sink: torch.Tensor, outside: float, sink_value) -> torch.Tensor:
+        """(H, T) values by distance -> (H, T, T): ``outside`` where k > q; sink columns ``sink_value(d)``."""
+        h, t = per_distance.shape
+        idx = _distances(t, per_distance.device)
+        ext = torch.cat([per_distance, per_distance.new_full((h, 1), outside)], 1)
+        out = ext[:, idx]  # (H, T, T)
+        for head, s in enumerate(sink.tolist()):
+            if s > 0:
+                out[head, :, :s] = sink_value(head, idx[:, :s])
+        return out
+
+    @staticmethod
+    def forward(ctx, window, sink, cap, t, tau):  # noqa: ANN001 -- autograd.Function's signature
+        d = torch.arange(t, device=window.device, dtype=window.dtype)
+        x = (window.view(-1, 1) - 0.5 - d) / tau  # (H, T)
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if cap is not None:
+            inside = d < _cap(cap).view(-1, 1).to(x.dtype)
+        ctx.save_for_backward(x, sink, inside)
+        ctx.tau = tau
+        g = F.logsigmoid(x).masked_fill(~inside, float("-inf"))
+        zero = torch.tensor(0.0, dtype=x.dtype, device=x.device)
+        # a sink key is seen (bias 0) from every query that may see it: causal and within the cap
+        sink_value = lambda h, dist: torch.where(  # noqa: E731
+            (dist < t) & inside[h].gather(0, dist.clamp(max=t - 1).flatten()).view(dist.shape), zero,
+            float("-inf"))
+        return _DistanceBias._layout(g, sink, float("-inf"), sink_value)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        x, sink, inside = ctx.saved_tensors
+        slope = (torch.sigmoid(-x) / ctx.tau).masked_fill(~inside, 0.0)  # d logsigmoid(x) / d window
+        per_key = _DistanceBias._layout(slope, sink, 0.0, lambda h, dist: 0.0)  # (H, T, T)
+        h = x.shape[0]
+        g = torch.bmm(grad.reshape(h, 1, -1).to(per_key.dtype), per_key.reshape(h, -1, 1)).view(h)
+        return g, None, None, None, None
+
+
+def _soft_bias_dense(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, tau: float,
+    cap: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``soft_bias`` for any positions, elementwise over (H, Q, K) (the reference)."""
     q = q_pos.view(1, -1, 1).to(window.dtype)
     k = k_pos.view(1, 1, -1).to(window.dtype) if k_pos.dim() == 1 else k_pos.unsqueeze(1).to(window.dtype)
     w = window.view(-1, 1, 1)
-    gate = F.logsigmoid((w - 0.5 - (q - k)) / tau)  # (H, Q, K)
-    is_sink = k < sink.view(-1, 1, 1).to(window.dtype)
-    gate = torch.where(is_sink, torch.zeros_like(gate), gate)
+    x = (w - 0.5 - (q - k)) / tau
+    if sink.is_floating_point():  # learned sinks, soft too: a key is seen if in the sinks OR the window
+        xs = (sink.view(-1, 1, 1).to(window.dtype) - 0.5 - k) / tau
+        gate = torch.logaddexp(F.logsigmoid(x), F.logsigmoid(xs) + F.logsigmoid(-x))  # log(pw + ps - pw ps)
+    else:
+        gate = F.logsigmoid(x)  # (H, Q, K)
+        is_sink = k < sink.view(-1, 1, 1).to(window.dtype)
+        gate = torch.where(is_sink, torch.zeros_like(gate), gate)
     causal = (k >= 0) & (k <= q)
     if cap is not None:
         causal = causal & (k > q - _cap(cap).view(-1, 1, 1).to(window.dtype))

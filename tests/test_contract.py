@@ -80,6 +80,9 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
         "prompts_empty_prompt": "{\"prompt\": \"hello\"}\n{\"prompt\": \"\"}\n",
         "prompts_long": json.dumps({"prompt": " the" * 600}) + "\n",
         "prompts_ok": "{\"prompt\": \"hello\"}\n",
+        "search_malformed": json.dumps({"kind": "search", "settings": {}, "full": {"ppl": 9.0},
+                                        "target_ppl": 9.2, "curve": 3}),
+        "train_yaml_ddp": "devices: 2\n",
     }
     out = {}
     for name, text in texts.items():
@@ -98,6 +101,14 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
     out["gpt2_dir"] = root / "gpt2_dir"  # a family the attention patch does not serve
     out["gpt2_dir"].mkdir()
     (out["gpt2_dir"] / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    out["search_dir"] = root / "search_dir"  # a search of other settings
+    out["search_dir"].mkdir()
+    other = {"kind": "search", "settings": {"seq_len": 1024}, "full": {"ppl": 9.0}, "target_ppl": 9.2,
+             "curve": []}
+    (out["search_dir"] / "search.json").write_text(json.dumps(other))
+    out["search_bad_dir"] = root / "search_bad_dir"  # its search.json is not one
+    out["search_bad_dir"].mkdir()
+    (out["search_bad_dir"] / "search.json").write_text("[1]")
     return out
 
 
@@ -105,6 +116,7 @@ E = "evaluate --model {m} --corpus {t} --tokens 64 --seq-len 32"
 P = "passkey --model {m} --corpus {t} --length 128 --depth 0.5 --trials 1"
 G = "generate --model {m} --prompt hello --max-new-tokens 2"
 T = "train --model {m} --corpus {t} --seq-len 32 --max-steps 1 --wandb-mode disabled"
+S = "search --model {m} --corpus {t} --seq-len 64 --budget-min 8 --budget-max 32 --max-steps 1"
 CASES = [
     # ---- the option parser -----------------------------------------------------------------------------
     ("nope", "No such command"),
@@ -134,7 +146,10 @@ CASES = [
     (E + " --config {f:yaml_attention}", "attention must be one of"),
     (E + " --allocation {f:alloc_native}", "'native' must be a list of per-layer integers"),
     (E + " --allocation {f:alloc_native_len}", "'native' must hold one non-negative integer per layer"),
-    ("sweep {f:grid_ok} --model {m} --corpus {t} --seq-len 64 --attention flexx", "--attention must be one of"),
+    ("sweep {f:grid_ok} --model {m} --corpus {t} --seq-len 64 --attention flexx",
+     "--attention must be one of"),
+    ("sweep {f:grid_ok} --model {m} --corpus {t} --seq-len 64 --controls reversed",
+     "--controls must be among"),
     (T + " --budget 8 --attention none", "attention must be one of"),
     (E + " --dtype ''", "--dtype must be one of"),
     (E + " --device tpu", "not a device name"),
@@ -240,6 +255,10 @@ CASES = [
     (T + " --budget 16 --lr nan", "finite"),
     (T + " --budget 16 --objective mse", "objective must be one of"),
     (T + " --budget 16 --dtype int8", "dtype must be one of"),
+    (T + " --budget 16 --sink-max 16", "sink_max must lie in [sink, budget)"),
+    (T + " --budget 16 --sink-max 2", "sink_max must lie in [sink, budget)"),
+    (T + " --budget 16 --init {d}/missing.json", "--init: cannot read allocation file"),
+    (T + " --budget 16 --init {f:alloc_negative}", "--init: "),
     (T + " --budget 16 --tau-schedule cubic", "tau_schedule must be one of"),
     (T + " --budget 16 --max-steps 0", "--max-steps must be between"),
     (T + " --budget 16 --seq-len 0", "--seq-len must be between"),
@@ -319,6 +338,37 @@ CASES = [
     (P + " --out {f:empty_dir}", "is a folder"),
     (P + " --plots {f:a_file}", "is a file"),
     (P + " --corpus {f:latin1}", "not valid utf-8"),
+    # ---- search --------------------------------------------------------------------------------------------
+    (S + " --max-ppl-increase 0", "--max-ppl-increase must be > 0"),
+    (S + " --max-ppl-increase -0.02", "--max-ppl-increase must be > 0"),
+    (S + " --max-ppl-increase nan", "finite"),
+    (S + " --max-ppl-increase x", "valid number"),
+    (S + " --budget-min 32", "--budget-min (32) must be below --budget-max (32)"),
+    (S + " --budget-min 40", "must be below --budget-max"),
+    (S + " --budget-min 3", "--budget-min 3 is infeasible: with sink 4 and --seq-len 64"),
+    (S + " --budget-max 100", "--budget-max 100 is infeasible"),
+    (S + " --budget-min 0", "--budget-min must be between"),
+    (S + " --tolerance -0.1", "--tolerance must be between"),
+    (S + " --n-blocks 0", "--n-blocks must be between"),
+    (S + " --n-blocks 100000", "blocks"),
+    (S + " --max-steps 0", "--max-steps must be between"),
+    (S + " --wandb-mode loud", "--wandb-mode must be one of"),
+    (S + " --dtype int8", "--dtype must be one of"),
+    (S + " --device tpu", "not a device name"),
+    (S + " --seq-len 100000 --budget-max 64", "exceeds the model's 512 positions"),
+    (S + " --model {f:gpt2_dir}", "model family 'gpt2' is not supported"),
+    (S + " --corpus {d}/missing.txt", "corpus path not found"),
+    (S + " --corpus {f:latin1}", "not valid utf-8"),
+    (S + " --corpus {f:empty_dir}", "no .txt files"),
+    (S + " --out-dir {f:a_file}", "is a file"),
+    (S + " --out-dir {f:search_dir}", "cannot resume"),
+    (S + " --out-dir {f:search_bad_dir}", "is not a search file"),
+    (S + " --train-config {d}/missing.yaml", "cannot read config"),
+    (S + " --train-config {f:yaml_unknown}", "unknown key(s)"),
+    (S + " --train-config {f:train_yaml_bad}", "'lr' must be float"),
+    (S + " --train-config {f:train_yaml_ddp}", "devices=2"),
+    ("search --config {f:yaml_unknown}", "unknown key(s)"),
+    ("plot {f:search_malformed}", "a search file with a missing or malformed curve"),
 ]
 
 
@@ -358,7 +408,7 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(world, tmp_path,
 def test_the_table_covers_every_command_and_a_hundred_inputs():
     commands = {c.split()[0] for c, _ in CASES}
     assert {"evaluate", "classify", "sweep", "plot", "train", "export", "quantize", "generate",
-            "passkey"} <= commands
+            "passkey", "search"} <= commands
     assert len(CASES) >= 100
 
 

@@ -178,3 +178,61 @@ def test_broadcast_gqa_attention_has_sdpa_gradients():
     (g_ref,) = torch.autograd.grad((ref * torch.arange(8.0).double()).sum(), bias)
     assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(g_fast, g_ref, atol=1e-12)
     assert float(g_fast.abs().max()) > 0
+
+
+def test_warm_start_reproduces_an_allocation_and_scales_it_to_another_budget():
+    """``init``: gates started from an exported allocation export the same windows at its budget (the
+    shift re-solved is ~0), and at another budget keep its ranking of heads."""
+    source = spread_gates(budget=20.0, scale=2.0).export()
+    gates = WindowGates((3, 5), 20.0, SEQ, 4)
+    gates.warm_start(source)
+    again = gates.export()
+    assert (again.tensors()[1] - source.tensors()[1]).abs().max() <= 1
+    assert again.eff_ctx() == pytest.approx(source.eff_ctx())
+    wider = WindowGates((3, 5), 40.0, SEQ, 4)
+    wider.warm_start(source)
+    w40, w20 = wider.export().tensors()[1].flatten(), source.tensors()[1].flatten()
+    assert wider.export().eff_ctx() == pytest.approx(40.0)
+    assert bool((w40[torch.argsort(w20)].diff() >= -1).all())  # the source's order of heads is kept
+
+
+def test_learned_sinks_count_in_the_budget_and_get_gradients():
+    """sink_max: each head's sinks are learned too; Eff.Ctx (sinks + windows) is the budget exactly, more
+    sink in one head means less window for all (the shift's gradient reaches the sink logits), and the
+    export has integer sinks in [0, sink_max] with mean Eff.Ctx <= budget, as close as rounding allows."""
+    gates = spread_gates(budget=24.0)
+    learned = WindowGates((3, 5), 24.0, SEQ, 4, sink_max=12)
+    with torch.no_grad():
+        learned.logits.copy_(gates.logits)
+        learned.sink_logits.copy_(torch.randn(3, 5, generator=torch.Generator().manual_seed(2)))
+    sinks, windows = learned.sinks(), learned.windows()
+    assert float((sinks + windows).double().mean()) == pytest.approx(24.0, abs=1e-5)  # float32 windows
+    assert learned.eff_ctx() == pytest.approx(24.0, abs=1e-5)
+    windows.sum().backward()  # the windows' total is budget - sinks: d/d(sink logit) = -d sink
+    ds = 12 * torch.sigmoid(learned.sink_logits) * (1 - torch.sigmoid(learned.sink_logits))
+    assert torch.allclose(learned.sink_logits.grad, -ds.detach(), rtol=1e-6, atol=1e-8)
+    alloc = learned.export()
+    s, w = alloc.tensors()
+    assert s.min() >= 0 and s.max() <= 12 and len(set(s.flatten().tolist())) > 1
+    assert 24.0 - 1 / 15 < alloc.eff_ctx() <= 24.0 + 1e-9
+    assert alloc.meta["sink_max"] == 12
+    start = WindowGates((3, 5), 24.0, SEQ, 4, sink_max=12)  # started at the fixed sinks
+    assert torch.allclose(start.sinks(), torch.full((3, 5), 4.0)) and start.export() == \
+        WindowGates((3, 5), 24.0, SEQ, 4).export().with_meta(sink_max=12)
+    with pytest.raises(GateError, match="sink <= sink_max < budget"):
+        WindowGates((3, 5), 10.0, SEQ, 4, sink_max=12)
+
+
+def test_soft_sinks_become_the_hard_sinks_as_tau_goes_to_zero():
+    from models import window as win
+
+    t = torch.arange(40)
+    sink, window = torch.tensor([0, 3, 9]), torch.tensor([5, 2, 11])
+    hard = win.hard_bias(t, t, sink, window, torch.float32)
+    soft = win.soft_bias(t, t, sink.float(), window.float(), 1e-3)
+    assert torch.equal(torch.isinf(soft), (t.view(-1, 1) < t.view(1, -1)).expand_as(soft))  # only the future
+    assert torch.equal(soft.exp() > 0.5, hard == 0)
+    fixed = win.soft_bias(t, t, sink, window.float(), 2.0)  # far from the sinks both agree
+    learned = win.soft_bias(t, t, sink.float(), window.float(), 2.0)
+    far = torch.isfinite(fixed) & (t >= 30)
+    assert torch.allclose(learned[far], fixed[far], atol=1e-3)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from alloc.allocation import AllocationError
+from alloc.allocation import Allocation, AllocationError
 from alloc.policies import TYPE_WINDOWS, PolicyContext, build, families
 from classify.profile import HeadProfile
 
@@ -87,3 +88,29 @@ def test_profile_families_refuse_a_missing_or_misshapen_profile():
     with pytest.raises(AllocationError, match="32x32 KV heads but the model has 30x3"):
         build("G_conf0.5_base64", PolicyContext((30, 3), 3, "smollm2", study_profile()))
     assert build("K_uniform64_aware", PolicyContext((30, 3))).eff_ctx() == 68.0  # K reads no profile
+
+
+def test_controls_keep_the_budget_and_destroy_the_structure():
+    """shuffled: the same multiset of (sink, window) pairs, moved across heads (only among layers of the
+    same native cap); layer_mean: every layer flat (within one token), the total window kept exactly."""
+    from alloc.policies import CONTROLS, control
+
+    gen = torch.Generator().manual_seed(1)
+    window = torch.randint(1, 200, (6, 3), generator=gen)
+    alloc = Allocation.from_tensors(torch.full((6, 3), 4), window, q_per_kv=3, meta={"policy": "learned_b64"},
+                                    native=(0, 64, 0, 64, 0, 0))
+    for kind in CONTROLS:
+        c = control(alloc, kind)
+        assert c.eff_ctx() == pytest.approx(alloc.eff_ctx()) and c.name == f"learned_b64~{kind}"
+        assert c.native == alloc.native and c.meta["control_of"] == "learned_b64"
+    window = alloc.effective()[1]  # what each head keeps: windows of the capped layers cut to 64
+    s = control(alloc, "shuffled").tensors()[1]
+    assert not torch.equal(s, window)
+    for rows in ([0, 2, 4, 5], [1, 3]):  # permuted only within the heads of one cap
+        assert sorted(s[rows].flatten().tolist()) == sorted(window[rows].flatten().tolist())
+    flat = control(alloc, "layer_mean").tensors()[1]
+    assert int((flat.max(1).values - flat.min(1).values).max()) <= 1
+    assert int(flat.sum()) == int(window.sum())
+    assert torch.equal(control(alloc, "shuffled").tensors()[1], s)  # seeded: the same control every time
+    with pytest.raises(AllocationError, match="unknown control"):
+        control(alloc, "reversed")

@@ -157,6 +157,53 @@ def test_a_cross_entropy_run_is_named_for_its_objective(assets, tiny_lm, tmp_pat
     assert float(gate_logits(tmp_path / "ce").abs().max()) > 0
 
 
+def test_a_mix_run_and_a_warm_start(assets, tiny_lm, tmp_path):
+    """objective mix is the mean of KL and CE per token; init starts the gates from an allocation (a wrong
+    model's or a missing file is one TrainError before anything is written)."""
+    from alloc.gates import WindowGates
+    from alloc.train import distill_loss
+    from models.loading import model_shape
+
+    lm, tok = tiny_lm
+    x = torch.randint(0, 100, (1, 32))
+    gates = WindowGates(model_shape(lm).shape, 12.0, 32, 4)
+    with torch.no_grad():
+        gates.logits.copy_(torch.randn(gates.shape, generator=torch.Generator().manual_seed(0)))
+    loss = {o: float(distill_loss(lm, gates, x, 2.0, o).detach()) for o in ("kl", "ce", "mix")}
+    assert loss["mix"] == pytest.approx(0.5 * (loss["kl"] + loss["ce"]), rel=1e-5)
+    source = gates.export(q_per_kv=model_shape(lm).q_per_kv)
+    path = source.save(tmp_path / "init.json")
+    alloc = fit(lm, tok, config(assets, objective="mix", max_steps=1, init=str(path), lr=1e-6),
+                tmp_path / "mix", "t-mix", progress=False)
+    assert alloc.meta["policy"] == "learned_mix_b12"
+    assert (alloc.tensors()[1] - source.tensors()[1]).abs().max() <= 1  # started where the source is
+    other = Allocation.uniform((5, 2), 4, 8, q_per_kv=2).save(tmp_path / "other.json")
+    bad_inits = ((other, "--init: allocation .* has shape 5x2"),
+                 (tmp_path / "none.json", "--init: cannot read"))
+    for bad, why in bad_inits:
+        with pytest.raises(TrainError, match=why):
+            fit(lm, tok, config(assets, init=str(bad)), tmp_path / "bad", "t-bad", progress=False)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_learned_sinks_train_export_and_round_trip(assets, tiny_lm, tmp_path):
+    """sink_max: the run learns integer sinks per head within [0, sink_max] under the budget; the checkpoint
+    holds their logits and exports the same allocation; a checkpoint whose sink logits do not match its
+    config is refused in one line."""
+    lm, tok = tiny_lm
+    cfg = config(assets, sink_max=8, max_steps=3, lr=1.0)
+    alloc = fit(lm, tok, cfg, tmp_path / "s", "t-s", progress=False)
+    sink, _ = alloc.tensors()
+    assert alloc.eff_ctx() <= 12 + 1e-9 and int(sink.min()) >= 0 and int(sink.max()) <= 8
+    assert float(load_checkpoint_meta(tmp_path / "s")[1]["gates.sink_logits"].std()) > 0  # they moved apart
+    assert export_checkpoint(tmp_path / "s") == alloc
+    ckpt = torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", weights_only=True)
+    del ckpt["state_dict"]["gates.sink_logits"]
+    torch.save(ckpt, tmp_path / "torn.ckpt")
+    with pytest.raises(TrainError, match="malformed gates.sink_logits"):
+        load_checkpoint_meta(tmp_path / "torn.ckpt")
+
+
 class StopAt(L.Callback):
     """Interrupt a run after ``step`` optimizer steps, as a killed job would be."""
 
@@ -487,9 +534,10 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
     )
     changed = dict(
         model="other", corpus="pg19", encoding="latin-1", budget=16,
-        sink=2, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
+        sink=2, sink_max=8, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
         lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear",
-        objective="ce", n_blocks=7, val_blocks=2, dtype="bfloat16", precision="bf16-mixed", devices=2, seed=1,
+        objective="ce", init="runs/x/allocation.json", n_blocks=7, val_blocks=2, dtype="bfloat16",
+        precision="bf16-mixed", devices=2, seed=1,
     )
     assert set(changed) == set(RESUME_KEYS)
     assert set(RESUME_KEYS) | set(logistics) == set(TrainConfig().to_dict())  # every field decided

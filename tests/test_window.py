@@ -39,3 +39,28 @@ def test_soft_bias_tends_to_hard_mask():
         assert dropped.numel() == 0 or dropped.max() < -0.4 / tau
     assert gap < 1e-6  # at tau = 0.01 the kept keys carry no penalty
     assert torch.equal(torch.exp(win.soft_bias(q, q, sink, window.float(), 1e-3)) > 0.5, hard == 0)
+
+
+def test_soft_bias_by_distance_equals_the_elementwise_reference():
+    """A training block (queries = keys = 0..T-1) takes the per-distance path: the same values, the same
+    -inf pattern (causal, native cap, sinks beyond the cap) and the same window gradient as the
+    elementwise definition, for sinks 0..7 and with and without caps."""
+    torch.manual_seed(0)
+    for t, cap in ((64, None), (64, torch.tensor([16, 16, 16, 16])), (37, torch.tensor([0, 0, 0, 0]))):
+        q = torch.arange(t)
+        sink = torch.tensor([4, 0, 2, 7])
+        window = (torch.rand(4, dtype=torch.float64) * t).requires_grad_(True)  # float64: sums in any order
+        for tau in (2.0, 0.3):
+            fast = win.soft_bias(q, q, sink, window, tau, cap)
+            ref = win._soft_bias_dense(q, q, sink, window, tau, cap)
+            finite = torch.isfinite(ref)
+            assert torch.equal(torch.isfinite(fast), finite)
+            assert torch.equal(fast[finite], ref[finite])
+            upstream = torch.randn(4, t, t, dtype=torch.float64).masked_fill(~finite, 0)
+            g_fast, = torch.autograd.grad((fast.masked_fill(~finite, 0) * upstream).sum(), window)
+            g_ref, = torch.autograd.grad((ref.masked_fill(~finite, 0) * upstream).sum(), window)
+            assert torch.allclose(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+    shifted = torch.arange(5, 5 + 32)  # other positions: the elementwise path, unchanged
+    w = torch.full((2,), 9.0)
+    assert torch.equal(win.soft_bias(shifted, shifted, torch.tensor([4, 4]), w, 1.0),
+                       win._soft_bias_dense(shifted, shifted, torch.tensor([4, 4]), w, 1.0))
