@@ -228,7 +228,8 @@ class TrainConfig:
     tau_start: float = opt(8.0, "Soft-edge temperature at the first step.")
     tau_end: float = opt(2.0, "Soft-edge temperature at the last step (the export is hard either way).")
     tau_schedule: str = opt("exp", "exp, linear or const.")
-    objective: str = opt("kl", "kl (distil full attention), ce (language-model loss) or mix (their mean).")
+    objective: str = opt("kl", "kl (distil full attention; the default, see the README), ce (language-model "
+                         "loss) or mix (their mean).")
     init: Optional[str] = opt(None, "Warm start: an allocation JSON whose windows start the gates (default: "
                               "StreamingLLM at the budget).")
     n_blocks: int = opt(0, "Training blocks; 0 = max_steps x global batch.", lo=0, hi=10**8)
@@ -463,8 +464,10 @@ class SearchConfig:
                         "8192 tokens).", lo=1, hi=10**6)
     train_config: Optional[str] = opt(None, "Train YAML (TrainConfig keys) of every probe (default configs/train.yaml "
                                       "where it exists); the search sets budget, init, model, corpus, encoding, "
-                                      "seq_len, seed, threads and wandb_mode over it.")
+                                      "seq_len, seed, threads and wandb_mode over it (and max_steps, objective when given).")
     max_steps: Optional[int] = opt(None, "Training steps per probe (default: the train config's).", lo=1, hi=10**8)
+    objective: Optional[str] = opt(None, "Training objective of every probe (default: the train config's).",
+                                   choices=("kl", "ce", "mix"))
     seed: int = opt(0, "Training seed of every probe.", lo=0, hi=2**32 - 1)
     threads: int = opt(0, "torch threads (0 = torch's choice).", lo=0, hi=4096)
     wandb_mode: str = opt("disabled", "wandb logging of each probe's training.",

@@ -99,6 +99,7 @@ def prepare(cfg: SearchConfig) -> Plan:
         path = DEFAULT_TRAIN_CONFIG
     given = {"model": cfg.model, "corpus": cfg.corpus, "seq_len": cfg.seq_len, "seed": cfg.seed,
              "threads": cfg.threads, "wandb_mode": cfg.wandb_mode, "max_steps": cfg.max_steps,
+             "objective": cfg.objective,
              "budget": float(cfg.seq_len)}  # a feasible placeholder: the ends are checked below, by name
     train = replace(load(TrainConfig, path, given), encoding=cfg.encoding)
     for flag, budget in (("--budget-min", cfg.budget_min), ("--budget-max", cfg.budget_max)):

@@ -368,6 +368,7 @@ CASES = [
     (S + " --train-config {f:train_yaml_bad}", "'lr' must be float"),
     (S + " --train-config {f:train_yaml_ddp}", "devices=2"),
     ("search --config {f:yaml_unknown}", "unknown key(s)"),
+    ("search --objective mse", "--objective must be one of"),
     ("plot {f:search_malformed}", "a search file with a missing or malformed curve"),
 ]
 

@@ -52,7 +52,7 @@ def test_cli_is_thin():
 CONFIGS = {"evaluate": "EvaluateConfig", "classify": "ClassifyConfig", "ablation": "SweepConfig",
            "learned": "SweepConfig", "quantized": "SweepConfig", "passkey": "PasskeyConfig", "train": None,
            "gemma": "SweepConfig", "gemma_4096": "SweepConfig", "long": "SweepConfig",
-           "controls": "SweepConfig", "other_text": "SweepConfig"}
+           "controls": "SweepConfig", "other_text": "SweepConfig", "passkey_4096": "PasskeyConfig"}
 
 
 def test_every_config_file_loads_through_its_commands_dataclass():

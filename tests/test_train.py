@@ -36,6 +36,7 @@ from models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
+    objective="kl",
     budget=12,
     seq_len=32,
     max_steps=4,
