@@ -230,8 +230,9 @@ class WindowGates(nn.Module):
             "seq_len": self.seq_len,
             **meta,
         }
-        if self.sink_max:
+        if self.sink_max:  # learned_sinks_b64: told apart from the fixed-sink runs in a sweep's table
             meta["sink_max"] = self.sink_max
+            meta["policy"] = meta["policy"].replace("learned_", "learned_sinks_", 1)
         return Allocation.from_tensors(
             sink, windows, model_id=model_id, q_per_kv=q_per_kv, meta=meta, native=self.native
         )

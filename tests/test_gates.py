@@ -215,10 +215,10 @@ def test_learned_sinks_count_in_the_budget_and_get_gradients():
     s, w = alloc.tensors()
     assert s.min() >= 0 and s.max() <= 12 and len(set(s.flatten().tolist())) > 1
     assert 24.0 - 1 / 15 < alloc.eff_ctx() <= 24.0 + 1e-9
-    assert alloc.meta["sink_max"] == 12
+    assert alloc.meta["sink_max"] == 12 and alloc.meta["policy"] == "learned_sinks_b24"
     start = WindowGates((3, 5), 24.0, SEQ, 4, sink_max=12)  # started at the fixed sinks
     assert torch.allclose(start.sinks(), torch.full((3, 5), 4.0)) and start.export() == \
-        WindowGates((3, 5), 24.0, SEQ, 4).export().with_meta(sink_max=12)
+        WindowGates((3, 5), 24.0, SEQ, 4).export().with_meta(sink_max=12, policy="learned_sinks_b24")
     with pytest.raises(GateError, match="sink <= sink_max < budget"):
         WindowGates((3, 5), 10.0, SEQ, 4, sink_max=12)
 
