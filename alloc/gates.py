@@ -186,13 +186,12 @@ class WindowGates(nn.Module):
         """Start from an allocation's windows instead of StreamingLLM: each logit is set so that the head's
         window, at shift 0, is the allocation's (cut to the head's largest window); the budget's shift is
         then solved as always, so another budget (or sequence length) scales them to this run's budget."""
-        _, w = alloc.tensors()
+        s, w = alloc.tensors()
         top = self.max_window.double()
         frac = ((torch.minimum(w.double(), top) - 1) / (top - 1).clamp(min=1)).clamp(1e-4, 1 - 1e-4)
         with torch.no_grad():
             self.logits.copy_(torch.logit(frac).to(self.logits.dtype))
-            if self.sink_max:
-                s, _ = alloc.tensors()
+            if self.sink_max:  # learned sinks start at the allocation's too (fixed ones stay `sink`)
                 s = (s.double() / self.sink_max).clamp(1e-3, 1 - 1e-3)
                 self.sink_logits.copy_(torch.logit(s).to(self.sink_logits.dtype))
 
