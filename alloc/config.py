@@ -21,6 +21,8 @@ import yaml
 from models.common import HeadkvError
 
 DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("auto", "flex", "dense")  # models.attention.windowed's; checked equal by a test
+OBJECTIVES = ("kl", "ce", "mix")  # alloc.train.distill_loss's
 MAX_TOKENS = 10**8  # far beyond any corpus split; stops values that would overflow a tensor size
 
 
@@ -68,7 +70,7 @@ class EvaluateConfig:
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
     out: str = opt("results/evaluate.jsonl", "Results file; one JSON line is appended per evaluation.")
     mode: str = opt("masked", "masked (blocks, masked forward) or streaming (one stream through the real evicting cache).", choices=("masked", "streaming"))
-    attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
+    attention: str = opt("auto", ATTENTION, choices=BACKENDS)
     reindex: bool = opt(False, "Streaming: StreamingLLM position re-indexing.")
     chunk: int = opt(1, "Streaming: tokens per forward (1 = token by token; any chunk computes the same).", lo=1, hi=MAX_TOKENS)
     segment: int = opt(2048, "Streaming: report PPL per segment of this many tokens.", lo=1, hi=MAX_TOKENS)
@@ -114,7 +116,7 @@ class SweepConfig:
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
     out: str = opt("results/ablation.jsonl", "Results JSONL (resumable).")
     grid: dict = opt({"full": None}, "Policy-name templates and their values (YAML only).")
-    attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
+    attention: str = opt("auto", ATTENTION, choices=BACKENDS)
     allocation: list[str] = opt([], "Allocation JSON file to add to the grid's rows. Repeatable.")
     controls: list[str] = opt([], "Also measure these controls of each allocation file, at its Eff.Ctx: "
                               "shuffled (windows permuted across heads), layer_mean. Repeatable.")
@@ -239,7 +241,7 @@ class TrainConfig:
     ckpt_every: int = opt(25, "Steps between checkpoints.")
     dtype: str = opt("float32", "The frozen model's dtype: float32, bfloat16 or float16 (gates: float32).")
     attention: str = opt("auto", ATTENTION + " Training on CPU always takes the dense soft bias (flex has no "
-                         "backward there).", choices=("auto", "flex", "dense"))
+                         "backward there).", choices=BACKENDS)
     precision: str = opt("32-true", "Lightning precision, e.g. 32-true or bf16-mixed.")
     accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu or auto.")
     devices: int = opt(1, "Processes/devices (2 on CPU = DDP over gloo).")
@@ -280,10 +282,10 @@ class TrainConfig:
         choices = {
             "tau_schedule": ("exp", "linear", "const"),
             "lr_schedule": ("const", "cosine"),
-            "objective": ("kl", "ce", "mix"),
+            "objective": OBJECTIVES,
             "wandb_mode": ("auto", "online", "offline", "disabled"),
             "dtype": ("float32", "bfloat16", "float16"),
-            "attention": ("auto", "flex", "dense"),
+            "attention": BACKENDS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -467,7 +469,7 @@ class SearchConfig:
                                       "seq_len, seed, threads and wandb_mode over it (and max_steps, objective when given).")
     max_steps: Optional[int] = opt(None, "Training steps per probe (default: the train config's).", lo=1, hi=10**8)
     objective: Optional[str] = opt(None, "Training objective of every probe (default: the train config's).",
-                                   choices=("kl", "ce", "mix"))
+                                   choices=OBJECTIVES)
     seed: int = opt(0, "Training seed of every probe.", lo=0, hi=2**32 - 1)
     threads: int = opt(0, "torch threads (0 = torch's choice).", lo=0, hi=4096)
     wandb_mode: str = opt("disabled", "wandb logging of each probe's training.",
@@ -475,7 +477,7 @@ class SearchConfig:
     device: str = opt("cpu", "Evaluation device: " + DEVICE + " Training runs on the train config's accelerator.")
     dtype: Optional[str] = opt(None, "Evaluation dtype: " + DTYPE + " Training uses the train config's dtype.",
                                choices=DTYPES)
-    attention: str = opt("auto", ATTENTION, choices=("auto", "flex", "dense"))
+    attention: str = opt("auto", ATTENTION, choices=BACKENDS)
     out_dir: Optional[str] = opt(None, "Search folder (default runs/search-<model>-<corpus>-<seq_len>-<increase>): "
                                  "search.json, allocation.json, search.png and probes/b<B>/ (resumable).")
 

@@ -187,7 +187,7 @@ def control(alloc: Allocation, kind: str, seed: int = 0) -> Allocation:
         sink, window = s.view_as(sink), w.view_as(window)
     else:
         means = window.double().mean(1, keepdim=True).expand_as(window)
-        top = torch.where(caps > 0, caps, torch.iinfo(torch.int64).max // 4)
+        top = window.max(1, keepdim=True).values.expand_as(window)  # <= the cap, and above any mean's floor
         window = round_to_budget(means, int(window.sum()), top)
     meta = {**alloc.meta, "policy": f"{alloc.name}~{kind}", "control": kind, "control_of": alloc.name}
     return Allocation.from_tensors(sink, window, model_id=alloc.model_id, q_per_kv=alloc.q_per_kv,

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from alloc.allocation import Allocation
-from alloc.config import TrainConfig, TrainError
+from alloc.config import OBJECTIVES, TrainConfig, TrainError
 from alloc.gates import WindowGates
 from models import scoring
 from models.attention import is_clean, windowed
@@ -88,6 +88,8 @@ def distill_loss(
     ``backend``: the student's attention kernel (:func:`models.attention.windowed`); "auto"/"flex" take
     FlexAttention with the soft window as a score_mod on CUDA, the dense soft bias on CPU (no backward there).
     """
+    if objective not in OBJECTIVES:
+        raise TrainError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective in ("kl", "mix"):
         with torch.no_grad():  # the teacher: the same frozen model, full attention
             teacher = scoring.hidden(lm, tokens)  # (B, T, H)
@@ -187,7 +189,8 @@ class GateModule(L.LightningModule):
     """The gates (the only parameters) around a frozen model held outside the module tree."""
 
     def __init__(
-        self, lm: Any, cfg: TrainConfig, run_id: str, val_blocks: torch.Tensor | None = None
+        self, lm: Any, cfg: TrainConfig, run_id: str, val_blocks: torch.Tensor | None = None,
+        init: Allocation | None = None,
     ) -> None:
         super().__init__()
         shape = model_shape(lm)
@@ -195,8 +198,8 @@ class GateModule(L.LightningModule):
         object.__setattr__(self, "lm", lm)  # not a submodule: never checkpointed, never wrapped by DDP
         self.gates = WindowGates(shape.shape, float(cfg.budget), cfg.seq_len, cfg.sink, shape.native,
                                  cfg.sink_max)
-        if cfg.init:  # warm start (a resume then loads the checkpoint's logits over these)
-            self.gates.warm_start(load_init(cfg.init, shape))
+        if init is not None:  # warm start (cfg.init, loaded by fit; a resume loads its logits over these)
+            self.gates.warm_start(init)
         self.val_blocks = val_blocks
         self.history: list[dict[str, float]] = []
 
@@ -647,8 +650,7 @@ def fit(
             raise TrainError(f"cannot resume {meta['path']}: it holds no optimizer, scheduler and loop state")
         check_resume(meta["config"], cfg, meta["path"])
         resume, step = meta["path"], meta["global_step"]
-    if cfg.init:  # before anything is written
-        load_init(cfg.init, model_shape(lm))
+    init = load_init(cfg.init, model_shape(lm)) if cfg.init else None  # before anything is written
     if lm.dtype != cfg.torch_dtype:
         have = str(lm.dtype).removeprefix("torch.")
         raise TrainError(f"the model is {have} but the run's dtype is {cfg.dtype}")
@@ -657,7 +659,7 @@ def fit(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = TrainBlocks(tokenizer, cfg, world_size=cfg.devices)
     data.setup()
-    module = GateModule(lm, cfg, run_id, data.val)
+    module = GateModule(lm, cfg, run_id, data.val, init)
     # a resumed (or crashed and restarted) run logs to a new CSV beside the old one, never into it
     fresh = not (run_dir / "csv" / "metrics.csv").exists()
     csv_version = "" if fresh else f"from-step{step}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -67,3 +67,11 @@ def test_every_config_file_loads_through_its_commands_dataclass():
         else:
             cfg = config.load(getattr(config, cls), path, {})
         assert cfg is not None
+
+
+def test_the_configs_choices_are_the_librarys():
+    """alloc/config.py states the attention backends without importing torch; they are the library's."""
+    import alloc.config as config
+    from models.attention import BACKENDS
+
+    assert config.BACKENDS == BACKENDS
