@@ -235,6 +235,8 @@ class TrainConfig:
     init: Optional[str] = opt(None, "Warm start: an allocation JSON whose windows start the gates (default: "
                               "StreamingLLM at the budget).")
     n_blocks: int = opt(0, "Training blocks; 0 = max_steps x global batch.", lo=0, hi=10**8)
+    passkey_mix: float = opt(0.0, "Fraction of training blocks replaced by synthetic passkey blocks (train-split "
+                             "filler; the question is followed by its answer).")
     val_blocks: int = opt(4, "Held-out TRAIN-split blocks for evaluation; 0 = none.", lo=0, hi=10**6)
     eval_every: int = opt(25, "Steps between hard-export evaluations (and heatmaps).")
     log_every: int = opt(5, "Steps between logged metrics.")
@@ -295,6 +297,8 @@ class TrainConfig:
                 raise TrainError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not (self.tau_start > 0 and self.tau_end > 0 and self.lr > 0):
             raise TrainError("tau_start, tau_end and lr must be positive")
+        if not 0 <= self.passkey_mix <= 1:
+            raise TrainError(f"passkey_mix must lie in [0, 1], got {self.passkey_mix!r}")
         if not 0 <= self.lr_end_frac <= 1:
             raise TrainError(f"lr_end_frac must lie in [0, 1], got {self.lr_end_frac!r}")
         if not self.wandb_project:

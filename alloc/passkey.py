@@ -48,17 +48,19 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def build_task(
-    tokenizer: Any, stream: torch.Tensor, length: int, depth: float, rng: np.random.Generator
+    tokenizer: Any, stream: torch.Tensor, length: int, depth: float, rng: np.random.Generator,
+    answer: bool = False,
 ) -> PasskeyTask:
     """One task of exactly ``length`` tokens cut from the corpus ``stream`` (1-D token ids); it starts with
-    BOS where the tokenizer adds one (``length`` counts it)."""
+    BOS where the tokenizer adds one (``length`` counts it). ``answer``: the question is followed by its
+    answer (" 12345."), as in a training block (:func:`training_blocks`)."""
     bos = bos_id(tokenizer)
     head = [] if bos is None else [bos]
     if bos is not None:
         stream = stream[stream != bos]
     key = str(int(rng.integers(10000, 100000)))
     needle = _encode(tokenizer, NEEDLE.format(key=key))
-    question = _encode(tokenizer, QUESTION)
+    question = _encode(tokenizer, QUESTION) + (_encode(tokenizer, f" {key}.") if answer else [])
     n_fill = length - len(needle) - len(question) - len(head)
     if n_fill < 1 or not 0.0 <= depth <= 1.0:
         raise ValueError(
@@ -89,6 +91,20 @@ def build_tasks(
         for n in lengths
         for d in depths
     }
+
+
+def training_blocks(
+    tokenizer: Any, stream: torch.Tensor, seq_len: int, n: int, seed: int = 0
+) -> torch.Tensor:
+    """``n`` synthetic retrieval blocks (n, seq_len) for training (``headkv train --passkey-mix``): a needle
+    at a uniformly drawn depth in ``stream`` filler, then the question and its answer, so a student that
+    cannot see the needle is penalised on the answer's tokens. Its generator is seeded apart from
+    :func:`build_tasks`' (``(seed, 1)``, not ``seed``), and training passes its TRAIN split as the filler
+    while evaluation reads the eval split: no evaluated task is trained on."""
+    rng = np.random.default_rng((seed, 1))
+    blocks = [build_task(tokenizer, stream, seq_len, float(rng.uniform()), rng, answer=True).ids
+              for _ in range(n)]
+    return torch.stack(blocks) if blocks else torch.empty(0, seq_len, dtype=torch.long)
 
 
 @torch.no_grad()

@@ -10,7 +10,9 @@ is held outside the module tree, so checkpoints (and DDP) see the gates only.
 
 Data: blocks of the corpus's TRAIN split (``token_blocks(split="train")``). A few of them, spread over
 the split and disjoint from the training blocks, are held out for the periodic hard-export evaluation;
-the eval split is never read here.
+the eval split is never read here. ``passkey_mix`` > 0 replaces that fraction of the training blocks (spread
+evenly over the run) with synthetic passkey blocks whose filler is the same TRAIN split and whose question is
+followed by its answer (:func:`alloc.passkey.training_blocks`), as DuoAttention trains its retrieval heads.
 
 Logging: loss, tau, Eff.Ctx and its violation of the budget, per-layer window statistics, a window
 heatmap (layer x KV head) and the held-out perplexity of the exported allocation; to wandb (online,
@@ -171,6 +173,14 @@ class TrainBlocks(L.LightningDataModule):
         train = blocks[[i for i in range(n) if i not in held]]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
         self.train = train[order]
+        n_passkey = round(cfg.passkey_mix * len(train))
+        if n_passkey:  # spread evenly over the run, in place of text blocks
+            from alloc.passkey import training_blocks
+            from models.corpus import tokenized_split
+
+            stream = tokenized_split(self.tokenizer, cfg.corpus, "train", encoding=cfg.encoding).ids
+            at = [int((i + 0.5) * len(train) / n_passkey) for i in range(n_passkey)]
+            self.train[at] = training_blocks(self.tokenizer, stream, cfg.seq_len, n_passkey, cfg.seed)
 
     def train_dataloader(self) -> DataLoader:
         # A resumed run restarts the epoch at the restored batch index without skipping data, so rotate the
@@ -349,6 +359,7 @@ RESUME_KEYS = (
     "objective",
     "init",
     "n_blocks",
+    "passkey_mix",
     "val_blocks",
     "dtype",
     "precision",
@@ -464,8 +475,8 @@ def check_resume(saved_config: dict[str, Any], cfg: TrainConfig, path: str | Pat
     batch_size=2, objective=ce``.
 
     Compared (``RESUME_KEYS``): everything that changes the trajectory of the gates: the model, corpus,
-    budget, sink and seq_len (what is learned), batch_size, max_steps, n_blocks and val_blocks (which blocks
-    are trained on, in which order; max_steps also sets where the tau and lr schedules end), lr,
+    budget, sink and seq_len (what is learned), batch_size, max_steps, n_blocks, passkey_mix and val_blocks
+    (which blocks are trained on, in which order; max_steps also sets where the tau and lr schedules end), lr,
     lr_schedule, lr_end_frac, tau_start, tau_end, tau_schedule and objective (the optimisation), dtype and
     precision (the numerics), devices (the global batch is batch_size x devices, and the resumed data order
     counts blocks per process) and seed (block order and initialisation).

@@ -5,6 +5,7 @@
         --at 1024 --at 8192 --at 32768
     python bench/decode_speed.py --vs-sliding 128 --at 256 --at 4096   # + transformers' sliding-window cache
     python bench/decode_speed.py --at 256 --steps 64 --repeats 1 --profile      # + where a step's time goes
+    python bench/decode_speed.py --at 4096 --batch 8 --steps 32                  # 8 sequences per step
 
 For every context length T: each allocation's cache is filled with the same T tokens (chunked prefill, which
 the tests show equals token-by-token), then ``--steps`` single-token decode steps are timed. The allocations
@@ -15,7 +16,8 @@ Same allocations as ``bench/kv_memory.py`` (full, ``--policy`` default B_streami
 files, the built per-head one). ``--vs-sliding W`` adds transformers' own sliding-window cache at window W
 (``hf_sliding_W``: the same weights in a Mistral twin with ``sliding_window=W``, whose ``DynamicCache`` holds
 ``DynamicSlidingWindowLayer``s) beside our cache at the equal uniform window (``A_window_W``, no sink);
-``vs_sliding`` is the ratio of the two. Writes one JSON object (``--out``) and prints it.
+``vs_sliding`` is the ratio of the two. ``--batch B`` decodes B copies of the prompt per step (default 1).
+Writes one JSON object (``--out``) and prints it.
 """
 
 from __future__ import annotations
@@ -65,18 +67,18 @@ def _sync(model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def decode_rate(
-    model: torch.nn.Module, allocation, tokens: torch.Tensor, steps: int, profiler: Any = None
+    model: torch.nn.Module, allocation, tokens: torch.Tensor, steps: int, profiler: Any = None, batch: int = 1
 ) -> tuple[float, float]:
     """Tokens per wall-clock second and per CPU second of ``steps`` greedy single-token steps after a prompt
     of ``tokens`` went through the allocation's real cache. On a shared CPU the process's CPU time is the
     steadier clock; on a GPU only wall time counts. A cProfile ``profiler`` runs over the decode steps."""
-    nxt = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    nxt = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     if isinstance(allocation, SlidingTwin):
         model, door = allocation.model, nullcontext(DynamicCache(config=allocation.model.config))
     else:
         door = applied(model, allocation, evict=True)
     with door as cache:
-        prefill(model, cache, tokens)
+        prefill(model, cache, tokens, batch=batch)
         model(nxt, cache=cache, use_cache=True)  # warm-up step
         _sync(model)
         start, cpu = time.perf_counter(), time.process_time()
@@ -108,11 +110,13 @@ def time_shares(model: torch.nn.Module, allocation, tokens: torch.Tensor, steps:
             "cache_update": max(update, default=0.0) / total}  # the outermost update: all the cache's work
 
 
-def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int) -> list[dict]:
+def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int, batch: int = 1) -> list[dict]:
+    """Tokens/s of every row (sequences x steps / s), medians over ``repeats`` round-robin runs."""
     rates: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in rows}
     for _ in range(repeats):
         for label, alloc in rows:  # round-robin: a load spike hits every allocation alike
-            rates[label].append(decode_rate(model, alloc, tokens, steps))
+            wall, cpu = decode_rate(model, alloc, tokens, steps, batch=batch)
+            rates[label].append((wall * batch, cpu * batch))
     wall = {label: statistics.median(w for w, _ in r) for label, r in rates.items()}
     cpu = {label: statistics.median(c for _, c in r) for label, r in rates.items()}
     return [{"allocation": label, "tokens_per_s": wall[label], "ratio": wall[label] / wall["full"],
@@ -122,13 +126,13 @@ def at_length(model, rows, tokens: torch.Tensor, steps: int, repeats: int) -> li
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = {"--at": [], "--steps": 32, "--repeats": 3, "--vs-sliding": 0, "--profile": False}
+    extra = {"--at": [], "--steps": 32, "--repeats": 3, "--vs-sliding": 0, "--profile": False, "--batch": 1}
     rest = []
     it = iter(argv)
     for a in it:
         if a == "--at":
             extra["--at"].append(int(next(it)))
-        elif a in ("--steps", "--repeats", "--vs-sliding"):
+        elif a in ("--steps", "--repeats", "--vs-sliding", "--batch"):
             extra[a] = int(next(it))
         elif a == "--profile":
             extra[a] = True
@@ -143,10 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         uniform = Allocation.uniform(shape.shape, 0, w, model_id=shape.model_id, q_per_kv=shape.q_per_kv)
         rows += [(f"A_window_{w}", uniform), (f"hf_sliding_{w}", SlidingTwin(model, w))]
     result = header(model, args, "decode_speed")
-    result.update(steps=extra["--steps"], repeats=extra["--repeats"],
+    result.update(steps=extra["--steps"], repeats=extra["--repeats"], batch=extra["--batch"],
                   eff_ctx={label: (a.eff_ctx() if a is not None else None) for label, a in rows})
     steps, repeats = extra["--steps"], extra["--repeats"]
-    result["by_length"] = {str(t): at_length(model, rows, tokens[:t], steps, repeats) for t in lengths}
+    result["by_length"] = {str(t): at_length(model, rows, tokens[:t], steps, repeats, extra["--batch"])
+                           for t in lengths}
     if extra["--vs-sliding"]:
         w = extra["--vs-sliding"]
         for t, rs in result["by_length"].items():

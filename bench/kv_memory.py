@@ -177,9 +177,9 @@ def stream(model: torch.nn.Module, allocation: Allocation | None, tokens: torch.
     return cache
 
 
-def prefill(model: torch.nn.Module, cache, tokens: torch.Tensor, chunk: int = 512) -> None:
-    """Write ``tokens`` into ``cache`` (inside ``applied``), ``chunk`` tokens per forward."""
-    ids = tokens.to(model.device).view(1, -1)
+def prefill(model: torch.nn.Module, cache, tokens: torch.Tensor, chunk: int = 512, batch: int = 1) -> None:
+    """Write ``batch`` copies of ``tokens`` into ``cache`` (inside ``applied``), ``chunk`` per forward."""
+    ids = tokens.to(model.device).view(1, -1).expand(batch, -1)
     for lo in range(0, ids.shape[1], chunk):
         model(ids[:, lo : lo + chunk], cache=cache, use_cache=True)
 

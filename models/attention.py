@@ -216,7 +216,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
         # an evicting cache after a one-token write holds exactly the keys this query may see: only its
         # empty slots need masking (None: no mask at all, so SDPA can take its fastest kernel)
-        bias = quick(module.layer_idx, k_len)  # ((B,) Hkv, 1, K) or None
+        bias = quick(module.layer_idx, k_len, query.shape[1])  # ((B,) Hkv, 1, K) or None
+        if key.shape[1] == 1 and bias is not None and bias.shape[-3] > 1:  # a ragged layer's flat buffer
+            return _flat_attention(query, key, value, bias, dropout, scaling, softcap), None
         if softcap is not None:
             return _gqa_attention(query, key, value, bias, None, dropout, scaling, softcap), None
         if bias is not None:
@@ -255,6 +257,21 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return sdpa_attention_forward(
         module, query, key, value, bias, dropout, scaling, is_causal=False, **kwargs
     )
+
+
+def _flat_attention(query, key, value, bias, dropout, scaling, softcap) -> torch.Tensor:
+    """One query per sequence over a ragged layer's flat buffer (``models.kv_cache.HeadLayer.decode_kv``):
+    ``key``/``value`` (B, 1, S, D) hold every KV head's segment, ``bias`` ((B,) Hq, 1, S) masks each query
+    head to its KV head's. The Hq query heads become Hq queries of that one head, so a single SDPA call
+    scores them all without copying a key; its (B, 1, Hq, D) output is already attention's (B, Q, Hq, D)."""
+    bias = bias.transpose(-3, -2).to(query.dtype)
+    # ((B,) 1, Hq, S); per sequence (a padded batch) a padding query may see nothing: uniform, not NaN
+    bias = bias.unsqueeze(0) if bias.dim() == 3 else bias.clamp(min=torch.finfo(query.dtype).min)
+    query = query.transpose(1, 2)  # (B, 1, Hq, D)
+    if softcap is not None:
+        return _gqa_attention(query, key, value, bias, None, dropout, scaling, softcap).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                            dropout_p=dropout, scale=scaling)
 
 
 def _block_sparse(state: _State, query: torch.Tensor) -> bool:

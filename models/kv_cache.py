@@ -19,11 +19,17 @@ contiguous segment: its sinks, then a ring of ``window`` slots). The bytes held 
 ``Allocation.kv_bytes(T)`` per sequence; :meth:`PerHeadCache.bytes_held` measures them. Attention needs
 ``(batch, kv_heads, K, head_dim)``: a layer whose heads hold equal counts is handed a zero-copy view; a
 ragged layer is gathered into a padded transient (empty slots at position -1, masked) that lives only for
-that layer's attention call (:meth:`PerHeadCache.transient_bytes`).
+that layer's attention call (:meth:`PerHeadCache.transient_bytes`). A decode step (one query per sequence)
+on a ragged layer of at most ``FLAT_MAX_KV_HEADS`` KV heads skips that copy: attention reads the flat buffer
+itself as one head ``(batch, 1, S, head_dim)``, each KV head masked to its own segment
+(:func:`models.attention._flat_attention`); scoring the other heads' few segments costs less there than
+gathering the copy (profiled in ``bench/decode_speed.py``).
 
 Eviction writes in place: once every head is full, a step writes one slot per head and allocates nothing.
-While heads are still filling (``T < sink + window``) the buffer is reallocated each step, as transformers'
-own ``DynamicCache`` does. A multi-token forward (prefill, or chunked streaming) attends over the held keys
+While heads are still filling (``T < sink + window``) the layer is relaid out ``RESERVE`` tokens ahead
+(never past a head's sink + window), so it is copied once every ``RESERVE`` tokens rather than every step as
+transformers' ``DynamicCache`` does; slots laid out but not written yet hold position -1 (empty, masked, not
+held). A multi-token forward (prefill, or chunked streaming) attends over the held keys
 plus all its new keys, then keeps only the survivors, so any chunking gives the same result as
 token-by-token decoding.
 
@@ -67,6 +73,9 @@ from models.common import HeadkvError
 
 __all__ = ["DeployError", "HeadLayer", "PerHeadCache", "kv_bytes_of"]
 
+RESERVE = 32  # tokens a filling layer is laid out ahead (one relayout per RESERVE tokens, not per step)
+FLAT_MAX_KV_HEADS = 8  # a ragged layer with at most this many KV heads decodes over its flat buffer
+
 
 class DeployError(HeadkvError):
     """A request real generation cannot serve (e.g. a prompt beyond the model's positions), in one line."""
@@ -79,20 +88,28 @@ class HeadLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None, flat: bool = True
+    ) -> None:
         super().__init__()
         self.sink, self.window = sink.long(), window.long()  # (Hkv,)
+        self.heads = list(zip(self.sink.tolist(), self.window.tolist(), strict=True))  # the same, on the host
         # the layer's native cap (Hkv,), None if it has none; sinks that leave it are dropped (see _expire)
         self.cap = None if cap is None or not bool((cap > 0).any()) else cap.long()
         self.dead = False  # some held sink left the native cap: its slot is empty (position -1) from then on
         self.gone = False  # every sink left it: nothing more to expire
         self.full = win.kept_tokens(2**62, self.sink, self.window).tolist()  # each head's count once full
+        self.room = 0  # the layout holds every head's kept tokens up to this many filled (see _grow)
+        self.flat = flat and 1 < len(self.sink) <= FLAT_MAX_KV_HEADS  # decode over the flat buffer if ragged
+        self._seg: torch.Tensor | None = None  # (Hq, S) bias of the flat buffer: 0 on a head's own segment
+        self.flat_now = False  # a decode step reads the flat buffer: the layer decodes flat and is ragged
         self.seen = 0  # columns seen, padding included (what ``generate`` slices its inputs by)
         self.filled = 0  # most real tokens one sequence has seen; the layout holds kept_tokens(filled) slots
         self.count: torch.Tensor | None = None  # (B,) real tokens of each sequence, once positions diverge
         self.counts: list[int] | None = None  # the same, on the host
         self.lengths: list[int] = [0] * len(self.sink)
         self.offsets = torch.zeros(len(self.sink), dtype=torch.long)
+        self.starts = [0] * len(self.sink)  # the offsets on the host
         self.pos: torch.Tensor | None = None  # position of every slot: (S,) shared, or (B, S); -1 = empty
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_pos, k_pos) of a general update
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # padded index (Hkv, Kmax) and validity
@@ -115,10 +132,12 @@ class HeadLayer(CacheLayerMixin):
     # ---- layout ----------------------------------------------------------------------------------
     @property
     def holes(self) -> bool:
-        """True when a shorter sequence of a padded batch leaves slots of the layout empty: every head
-        holds kept_tokens(filled) slots, a sequence of n real tokens fills kept_tokens(n) of them, and the
-        two differ for some head exactly when n < the layer's longest head."""
-        return self.dead or (self.counts is not None and min(self.counts) < max(self.lengths))
+        """True when slots of the layout may be empty: laid out ahead of the tokens (``filled < room``, see
+        :meth:`_grow`), a sink that left the native cap, or a shorter sequence of a padded batch (a sequence
+        of n real tokens fills kept_tokens(n) slots, fewer than the layout for some head exactly when n < the
+        layer's longest head)."""
+        return (self.dead or self.filled < self.room
+                or (self.counts is not None and min(self.counts) < max(self.lengths)))
 
     def _diverge(self, batch: int) -> None:
         """From now on every sequence has its own positions (its first padding token arrived)."""
@@ -131,26 +150,30 @@ class HeadLayer(CacheLayerMixin):
         self.filled = max(self.filled, *counts)
 
     def _grow(self) -> None:
-        """Reallocate so that every head can hold min(filled, sink + window) tokens (only ever grows)."""
-        if self.lengths == self.full:  # every head holds all it ever will: nothing to compute per step
+        """Make room for every head's min(filled, sink + window) tokens (the layout only ever grows). A
+        relayout copies the layer, so it lays each head out ``RESERVE`` tokens ahead, capped at its sink +
+        window: a head's count grows by at most one per token, so the next ``RESERVE`` tokens fit
+        (``room``)."""
+        if self.filled <= self.room or self.lengths == self.full:  # nothing to compute per step
             return
-        new = win.kept_tokens(self.filled, self.sink, self.window).tolist()
-        if new == self.lengths:
-            return
+        need = win.kept_tokens(self.filled, self.sink, self.window)
+        new = torch.minimum(need + RESERVE, self.sink + self.window).tolist()
+        self.room = min(self.filled + RESERVE, max(self.full))
         old_len = torch.tensor(self.lengths, device=self.device)
         new_len = torch.tensor(new, device=self.device)
         new_off = torch.cumsum(new_len, 0) - new_len
         head_of = torch.repeat_interleave(torch.arange(len(new), device=self.device), old_len)  # (S_old,)
         dst = new_off[head_of] + torch.arange(head_of.numel(), device=self.device) - self.offsets[head_of]
         b, _, d = self.keys.shape
-        # a shorter sequence leaves slots empty: zeros, never uninitialized memory (masked, but 0 * nan = nan)
-        make = self.keys.new_empty if self.count is None and self.cap is None else self.keys.new_zeros
-        keys = make(b, sum(new), d)
-        values = make(b, sum(new), self.values.shape[-1])
+        # slots not written yet are empty: zeros, never uninitialized memory (masked, but 0 * nan = nan)
+        keys = self.keys.new_zeros(b, sum(new), d)
+        values = self.values.new_zeros(b, sum(new), self.values.shape[-1])
         pos = torch.full((*self.pos.shape[:-1], sum(new)), -1, dtype=torch.long, device=self.device)
         keys[:, dst], values[:, dst], pos[..., dst] = self.keys, self.values, self.pos
         self.keys, self.values, self.pos = keys, values, pos
-        self.lengths, self.offsets, self._gather = new, new_off, None
+        self.lengths, self.offsets, self._gather, self._seg = new, new_off, None, None
+        self.flat_now = self.flat and min(new) != max(new)
+        self.starts = new_off.tolist()
 
     def _write(
         self, key_states: torch.Tensor, value_states: torch.Tensor, p: torch.Tensor, seen: int | torch.Tensor
@@ -176,8 +199,9 @@ class HeadLayer(CacheLayerMixin):
     def _write_one(self, key_states: torch.Tensor, value_states: torch.Tensor, t: int | torch.Tensor) -> None:
         """One new token per sequence (position t, or t (B,) per sequence): every head keeps it, in its slot;
         no data-dependent selection."""
-        if isinstance(t, int):
-            dst = self.offsets + win.slot(t, self.sink, self.window)  # (Hkv,)
+        if isinstance(t, int):  # the index is built on the host: a few ints, no tensor arithmetic
+            slots = [o + win.slot(t, s, w) for o, (s, w) in zip(self.starts, self.heads, strict=True)]
+            dst = torch.tensor(slots, device=self.device)  # (Hkv,)
             self.keys.index_copy_(1, dst, key_states[:, :, 0])
             self.values.index_copy_(1, dst, value_states[:, :, 0])
             self.pos.index_fill_(0, dst, t)
@@ -220,6 +244,24 @@ class HeadLayer(CacheLayerMixin):
             self._gather = (index, j < lengths)
         return self._gather
 
+    def decode_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decode step attends over: the flat buffer as one head (B, 1, S, D) for a ragged layer
+        that decodes flat (:attr:`flat`), else :meth:`padded_kv`."""
+        if self.flat_now:
+            return self.keys.unsqueeze(1), self.values.unsqueeze(1)
+        return self.padded_kv()
+
+    def _segments(self, q_heads: int) -> torch.Tensor:
+        """(Hq, S) bias of the flat buffer, in the cache's dtype: 0 on the segment of each query head's KV
+        head, -inf elsewhere (kept until the layout changes)."""
+        if self._seg is None or self._seg.shape[0] != q_heads:
+            heads = torch.arange(len(self.lengths), device=self.device)
+            owner = torch.repeat_interleave(heads, torch.tensor(self.lengths, device=self.device))  # (S,)
+            own = heads.repeat_interleave(q_heads // len(heads)).view(-1, 1)  # (Hq, 1): each one's KV head
+            self._seg = torch.zeros(q_heads, owner.numel(), dtype=self.keys.dtype, device=self.device)
+            self._seg.masked_fill_(owner != own, float("-inf"))
+        return self._seg
+
     def padded_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held keys and values as (B, Hkv, Kmax, D): a free view if the heads hold equal counts."""
         (b, _, d), dv = self.keys.shape, self.values.shape[-1]
@@ -242,13 +284,20 @@ class HeadLayer(CacheLayerMixin):
         """Held keys, values (B, Hkv, Kmax, D) and positions ((B,) Hkv, Kmax); -1 marks an empty slot."""
         return (*self.padded_kv(), self.padded_pos())
 
-    def decode_bias(self) -> torch.Tensor | None:
+    def decode_bias(self, q_heads: int = 0) -> torch.Tensor | None:
         """Bias ((B,) Hkv, 1, K) for a single query after its own write: every held key is visible to it (the
         cache holds exactly what ``allowed`` gives), so only empty slots are masked (a ragged layer's padding,
         a shorter sequence's slots); None when there are none. A single query that took the general path
-        (the first token, or one with padding in its column) gets the mask of its positions."""
+        (the first token, or one with padding in its column) gets the mask of its positions. Over the flat
+        buffer (:meth:`decode_kv`, K = S) the bias is per query head, ((B,) ``q_heads``, 1, S), and masks each
+        to its KV head's segment."""
         if self.last is not None:
             return win.hard_bias(*self.last, self.sink, self.window, torch.float32, self.cap)
+        if self.flat_now:
+            seg = self._segments(q_heads or len(self.lengths))
+            if self.holes:
+                seg = seg.masked_fill((self.pos < 0).unsqueeze(-2), float("-inf"))  # ((B,) Hq, S)
+            return seg.unsqueeze(-2)
         if self.holes:
             empty = self.padded_pos() < 0  # ((B,) Hkv, Kmax)
             bias = torch.zeros(empty.shape, device=self.device).masked_fill_(empty, float("-inf"))
@@ -282,7 +331,7 @@ class HeadLayer(CacheLayerMixin):
             self._write_one(key_states, value_states, t)
             self._expire(t)
             self.last = None  # positions built only if asked for (the fast decode path needs none)
-            return self.padded_kv()
+            return self.decode_kv()
         # several queries may need keys this step evicts: attend over held + new, then evict
         n_heads = len(self.lengths)
         if self.count is None:  # the batch shares its positions
@@ -332,7 +381,8 @@ class HeadLayer(CacheLayerMixin):
         return -1  # any number of tokens can stream through
 
     def reset(self) -> None:
-        self.__init__(self.sink.cpu(), self.window.cpu(), None if self.cap is None else self.cap.cpu())
+        self.__init__(self.sink.cpu(), self.window.cpu(), None if self.cap is None else self.cap.cpu(),
+                      self.flat)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -375,7 +425,9 @@ class PerHeadCache(Cache):
         (0: none); made by ``alloc.allocation.applied``."""
         caps = [None if cap is None else cap[i].cpu() for i in range(sink.shape[0])]
         super().__init__(
-            layers=[HeadLayer(sink[i].cpu(), window[i].cpu(), caps[i]) for i in range(sink.shape[0])]
+            # re-indexed attention takes the general path, which needs every layer's padded view
+            layers=[HeadLayer(sink[i].cpu(), window[i].cpu(), caps[i], flat=not reindex)
+                    for i in range(sink.shape[0])]
         )
         self.reindex = reindex
         self._step: tuple[int, int, torch.Tensor | None] | None = None  # (seen, Q, real) of the next forward
@@ -421,12 +473,13 @@ class PerHeadCache(Cache):
             )
         return q_pos, k_pos
 
-    def decode_bias(self, layer: int, k_len: int) -> torch.Tensor | None:
+    def decode_bias(self, layer: int, k_len: int, q_heads: int = 0) -> torch.Tensor | None:
         """Fast path for one query per step (see :meth:`HeadLayer.decode_bias`)."""
         held = self.layers[layer]
-        if k_len != (held.last[1].shape[-1] if held.last is not None else max(held.lengths)):
+        keys = held.keys.shape[1] if held.flat_now else max(held.lengths)  # what decode_kv handed out
+        if k_len != (held.last[1].shape[-1] if held.last is not None else keys):
             raise RuntimeError(f"layer {layer}: attention got {k_len} keys, not what the cache returned")
-        return held.decode_bias()
+        return held.decode_bias(q_heads)
 
     # ---- measures ---------------------------------------------------------------------------------
     def bytes_held(self) -> int:
@@ -440,7 +493,7 @@ class PerHeadCache(Cache):
 
     def bytes_allocated(self) -> int:
         """Bytes of the K and V tensors allocated right now (all layers): :meth:`bytes_held` plus the empty
-        slots of a padded batch's shorter sequences."""
+        slots: a padded batch's shorter sequences', and while heads fill, the ``RESERVE`` laid out ahead."""
         return sum(
             _nbytes(layer.keys) + _nbytes(layer.values) for layer in self.layers if layer.is_initialized
         )
@@ -459,16 +512,13 @@ class PerHeadCache(Cache):
         return max((_padded_kv_bytes(layer) for layer in ragged), default=0)
 
     def kept_tokens(self) -> int:
-        """Key/value slots over all (layer, KV head) of one sequence's storage."""
-        return sum(sum(layer.lengths) for layer in self.layers)
+        """Key/value entries held over all (layer, KV head) by the sequence that holds the most."""
+        return sum(int((layer.pos >= 0).sum(-1).max()) for layer in self.layers if layer.is_initialized)
 
 
 def _held_kv_bytes(layer: HeadLayer) -> int:
-    b, s, d = layer.keys.shape
-    if layer.count is None:  # shared positions: no empty slot but the sinks that left the native cap
-        entries = b * (int((layer.pos >= 0).sum()) if layer.dead else s)
-    else:
-        entries = int((layer.pos >= 0).sum())
+    b, _, d = layer.keys.shape
+    entries = int((layer.pos >= 0).sum()) * (b if layer.pos.dim() == 1 else 1)  # shared or per sequence
     return entries * (d + layer.values.shape[-1]) * layer.keys.element_size()
 
 

@@ -209,11 +209,13 @@ def keep(
     return held if cap is None else held & (p > seen - 1 - _cap(cap).view(-1, 1))
 
 
-def slot(p: torch.Tensor | int, sink: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def slot(p: torch.Tensor | int, sink: torch.Tensor | int, window: torch.Tensor | int) -> torch.Tensor | int:
     """Where a held key of absolute position ``p`` lives in its head's storage: the sinks at 0..sink-1, then
     a ring of ``window`` slots (position p overwrites p - window, which no later query may see).
     Elementwise: ``p`` broadcasts against ``sink`` and ``window`` (e.g. p (B, 1) of a padded batch's
-    sequences against (H,) heads gives (B, H))."""
+    sequences against (H,) heads gives (B, H)); plain ints give an int (a decode step's host-side index)."""
+    if isinstance(p, int) and isinstance(sink, int) and isinstance(window, int):
+        return p if p < sink else sink + (p - sink) % window
     return torch.where(sink > p, p, sink + (p - sink) % window)
 
 

@@ -257,6 +257,7 @@ CASES = [
     (T + " --budget 16 --dtype int8", "dtype must be one of"),
     (T + " --budget 16 --sink-max 16", "sink_max must lie in [sink, budget)"),
     (T + " --budget 16 --sink-max 2", "sink_max must lie in [sink, budget)"),
+    (T + " --budget 16 --passkey-mix -0.1", "passkey_mix must lie in [0, 1]"),
     (T + " --budget 16 --init {d}/missing.json", "--init: cannot read allocation file"),
     (T + " --budget 16 --init {f:alloc_negative}", "--init: "),
     (T + " --budget 16 --tau-schedule cubic", "tau_schedule must be one of"),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from alloc.allocation import Allocation, AllocationError, applied
 from models import window as win
 from models.attention import is_clean
-from models.kv_cache import PerHeadCache
+from models.kv_cache import RESERVE, PerHeadCache
 from models.loading import freeze, model_shape
 from tests.conftest import VOCAB, tiny_config, tiny_model
 
@@ -52,7 +52,9 @@ def held_equals_allowed(alloc: Allocation):
             for h in range(pos.shape[0]):
                 held = sorted(p for p in pos[h].tolist() if p >= 0)
                 assert held == ok[h].nonzero().flatten().tolist(), (li, h, t)
-            assert layer.pos.min() >= 0  # ragged storage: no empty slot is ever held
+                assert len(held) <= layer.lengths[h] <= len(held) + RESERVE  # laid out ahead while filling
+            if t >= int((sink[li] + window[li]).max()):
+                assert layer.pos.min() >= 0  # ragged storage: once every head is full, no slot is empty
 
     return check
 
@@ -66,6 +68,27 @@ def test_masked_forward_equals_evicting_decode(arch):
     out = streamed_logits(model, alloc, x, check=held_equals_allowed(alloc))
     assert (out - ref).abs().max() <= 1e-4
     assert is_clean(model)
+
+
+def test_flat_decode_equals_the_padded_copy(tiny, monkeypatch):
+    """A ragged layer of few KV heads decodes over its flat buffer (every head's segment, each head masked
+    to its own); with that path off it gathers a padded copy. Both equal the masked forward."""
+    import models.attention as attention
+    import models.kv_cache as kv_cache
+
+    alloc = random_alloc(tiny, seed=5)
+    x = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(6))
+    ref = masked_logits(tiny, alloc, x)
+    calls = []
+    monkeypatch.setattr(attention, "_flat_attention",
+                        lambda *a, f=attention._flat_attention: calls.append(1) or f(*a))
+    flat = streamed_logits(tiny, alloc, x, check=held_equals_allowed(alloc))
+    assert calls  # the flat path ran
+    monkeypatch.setattr(kv_cache, "FLAT_MAX_KV_HEADS", 0)
+    n = len(calls)
+    padded = streamed_logits(tiny, alloc, x, check=held_equals_allowed(alloc))
+    assert len(calls) == n  # and now it did not
+    assert (flat - ref).abs().max() <= 1e-4 and (padded - ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("chunk", [7, 60])

@@ -537,8 +537,8 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
         model="other", corpus="pg19", encoding="latin-1", budget=16,
         sink=2, sink_max=8, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
         lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear",
-        objective="ce", init="runs/x/allocation.json", n_blocks=7, val_blocks=2, dtype="bfloat16",
-        precision="bf16-mixed", devices=2, seed=1,
+        objective="ce", init="runs/x/allocation.json", n_blocks=7, passkey_mix=0.25, val_blocks=2,
+        dtype="bfloat16", precision="bf16-mixed", devices=2, seed=1,
     )
     assert set(changed) == set(RESUME_KEYS)
     assert set(RESUME_KEYS) | set(logistics) == set(TrainConfig().to_dict())  # every field decided
@@ -553,6 +553,30 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
     with pytest.raises(TrainError, match="lr_end_frac=0.1; this run asks lr_end_frac=0.2"):
         check_resume(old, TrainConfig(budget=12, lr_end_frac=0.2))
     assert issubclass(TrainError, HeadkvError)
+
+
+def test_passkey_mix_replaces_that_share_of_training_blocks_with_answered_passkey_tasks(assets):
+    """--passkey-mix 0.25: a quarter of the training blocks, spread over the run, are needle + question +
+    answer on TRAIN-split filler (the held-out blocks stay text); the rest is the plain run's blocks."""
+    from alloc.passkey import NEEDLE, QUESTION
+    from alloc.train import TrainBlocks
+
+    tok = AutoTokenizer.from_pretrained(str(assets["model"]))
+    plain = TrainBlocks(tok, config(assets, seq_len=96, max_steps=8))
+    mixed = TrainBlocks(tok, config(assets, seq_len=96, max_steps=8, passkey_mix=0.25))
+    plain.setup(), mixed.setup()
+    assert torch.equal(plain.val, mixed.val) and mixed.train.shape == plain.train.shape == (8, 96)
+    changed = [i for i in range(8) if not torch.equal(plain.train[i], mixed.train[i])]
+    assert changed == [2, 6]  # round(0.25 x 8) blocks at (i + 0.5) x 8 / 2
+    for i in changed:
+        text = tok.decode(mixed.train[i])
+        key = text.rsplit(QUESTION, 1)[1].strip().rstrip(".")
+        assert len(key) == 5 and NEEDLE.format(key=key) in text and text.endswith(f"{QUESTION} {key}.")
+    again = TrainBlocks(tok, config(assets, seq_len=96, max_steps=8, passkey_mix=0.25))
+    again.setup()
+    assert torch.equal(again.train, mixed.train)  # seeded
+    with pytest.raises(TrainError, match="passkey_mix must lie in"):
+        config(assets, passkey_mix=1.5)
 
 
 def test_resume_run_dir_is_the_directory_that_holds_the_checkpoint(trained, tmp_path):
