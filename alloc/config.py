@@ -230,6 +230,8 @@ class TrainConfig:
     tau_start: float = opt(8.0, "Soft-edge temperature at the first step.")
     tau_end: float = opt(2.0, "Soft-edge temperature at the last step (the export is hard either way).")
     tau_schedule: str = opt("exp", "exp, linear or const.")
+    edge: str = opt("linear", "The soft window's edge: linear (tau in tokens) or log (tau in log-distance, "
+                    "below 1; a key far beyond a window still moves it).")
     objective: str = opt("kl", "kl (distil full attention; the default, see the README), ce (language-model "
                          "loss) or mix (their mean).")
     init: Optional[str] = opt(None, "Warm start: an allocation JSON whose windows start the gates (default: "
@@ -283,6 +285,7 @@ class TrainConfig:
                 raise TrainError(f"{key} must be {want}, got {value!r}")
         choices = {
             "tau_schedule": ("exp", "linear", "const"),
+            "edge": ("linear", "log"),
             "lr_schedule": ("const", "cosine"),
             "objective": OBJECTIVES,
             "wandb_mode": ("auto", "online", "offline", "disabled"),
@@ -297,6 +300,9 @@ class TrainConfig:
                 raise TrainError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not (self.tau_start > 0 and self.tau_end > 0 and self.lr > 0):
             raise TrainError("tau_start, tau_end and lr must be positive")
+        if self.edge == "log" and not (self.tau_start < 1 and self.tau_end < 1):
+            raise TrainError(f"the log edge needs tau_start and tau_end below 1 (log-distance), got "
+                             f"{self.tau_start:g} and {self.tau_end:g}")
         if not 0 <= self.passkey_mix <= 1:
             raise TrainError(f"passkey_mix must lie in [0, 1], got {self.passkey_mix!r}")
         if not 0 <= self.lr_end_frac <= 1:

@@ -116,10 +116,12 @@ class SoftMask:
     window: torch.Tensor  # (L, H) float, may require grad
     tau: float
     cap: torch.Tensor | None = None  # (L, H) long native windows (0: none), or None
+    edge: str = "linear"  # models.window.edge: "linear" or "log"
 
     def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         cap = None if self.cap is None else self.cap[layer]
-        return win.soft_bias(q_pos, k_pos, self.sink[layer], self.window[layer], self.tau, cap)  # (H, Q, K)
+        return win.soft_bias(q_pos, k_pos, self.sink[layer], self.window[layer], self.tau, cap,
+                             self.edge)  # (H, Q, K)
 
 
 class WindowGates(nn.Module):
@@ -204,9 +206,10 @@ class WindowGates(nn.Module):
     def eff_ctx(self) -> float:
         return float(self._counted()) + float(self.windows().detach().double().mean())
 
-    def mask(self, tau: float) -> SoftMask:
-        """The soft mask at temperature ``tau`` (windows computed once for all layers)."""
-        return SoftMask(self.sinks(), self.windows(), float(tau), self.cap if self.native else None)
+    def mask(self, tau: float, edge: str = "linear") -> SoftMask:
+        """The soft mask at temperature ``tau`` with that :func:`models.window.edge` (windows computed once
+        for all layers)."""
+        return SoftMask(self.sinks(), self.windows(), float(tau), self.cap if self.native else None, edge)
 
     def export(
         self, budget: float | None = None, model_id: str = "", q_per_kv: int = 1, **meta: Any

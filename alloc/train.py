@@ -78,8 +78,10 @@ def distill_loss(
     objective: str = "kl",
     checkpoint: bool | None = None,
     backend: str = "dense",
+    edge: str = "linear",
 ) -> torch.Tensor:
-    """Mean per-token loss of the gated model on ``tokens`` (B, T); gradients reach the gates only.
+    """Mean per-token loss of the gated model on ``tokens`` (B, T) under the gates' soft mask at ``tau``
+    with that :func:`models.window.edge`; gradients reach the gates only.
 
     Teacher and student are kept as final hidden states; their logits exist ``scoring.CHUNK`` tokens at a
     time, forward and backward (:mod:`models.scoring`), never (B, T, vocab). ``checkpoint`` recomputes each
@@ -95,7 +97,7 @@ def distill_loss(
     if objective in ("kl", "mix"):
         with torch.no_grad():  # the teacher: the same frozen model, full attention
             teacher = scoring.hidden(lm, tokens)  # (B, T, H)
-    masks = gates.mask(tau)
+    masks = gates.mask(tau, edge)
     remat = _kept_scores(lm, tokens) > CHECKPOINT_ABOVE if checkpoint is None else checkpoint
     recompute = lambda: _rewindowed(lm, masks, backend)  # noqa: E731
     layers = scoring.checkpointed_layers(lm, recompute) if remat else nullcontext()
@@ -220,7 +222,8 @@ class GateModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         tau = tau_at(self.cfg, self.global_step)
-        loss = distill_loss(self.lm, self.gates, batch, tau, self.cfg.objective, backend=self.cfg.attention)
+        loss = distill_loss(self.lm, self.gates, batch, tau, self.cfg.objective, backend=self.cfg.attention,
+                            edge=self.cfg.edge)
         eff = self.gates.eff_ctx()
         self.log_dict(
             {
@@ -356,6 +359,7 @@ RESUME_KEYS = (
     "tau_start",
     "tau_end",
     "tau_schedule",
+    "edge",
     "objective",
     "init",
     "n_blocks",
@@ -477,9 +481,9 @@ def check_resume(saved_config: dict[str, Any], cfg: TrainConfig, path: str | Pat
     Compared (``RESUME_KEYS``): everything that changes the trajectory of the gates: the model, corpus,
     budget, sink and seq_len (what is learned), batch_size, max_steps, n_blocks, passkey_mix and val_blocks
     (which blocks are trained on, in which order; max_steps also sets where the tau and lr schedules end), lr,
-    lr_schedule, lr_end_frac, tau_start, tau_end, tau_schedule and objective (the optimisation), dtype and
-    precision (the numerics), devices (the global batch is batch_size x devices, and the resumed data order
-    counts blocks per process) and seed (block order and initialisation).
+    lr_schedule, lr_end_frac, tau_start, tau_end, tau_schedule, edge and objective (the optimisation),
+    dtype and precision (the numerics), devices (the global batch is batch_size x devices, and the resumed
+    data order counts blocks per process) and seed (block order and initialisation).
 
     Free to change on resume (logistics, not the result): accelerator and strategy (a run may move to
     another machine; only rounding differs), threads, eval_every, log_every and ckpt_every (when things are

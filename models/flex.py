@@ -40,6 +40,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from models import window as win
+
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - old torch
@@ -267,12 +269,14 @@ def soft_attention(
     cap: Cap,
     scaling: float | None,
     softcap: float | None = None,
+    kind: str = "linear",
 ) -> torch.Tensor:
     """Attention under the learnable soft window of :func:`models.window.soft_bias`, for training on CUDA.
 
-    Scores (scaled, then soft-capped if ``softcap``) get ``logsigmoid((w - 0.5 - (t - k)) / tau)`` added on
-    non-sink keys (0 on sink keys), ``w = window_float[kv head]`` (Hkv,) float, which may require grad (the
-    gradient flows through the captured tensor, CUDA only); the causal limit and ``cap`` are the hard block
+    Scores (scaled, then soft-capped if ``softcap``) get ``logsigmoid(edge(w, t - k) / tau)`` added on
+    non-sink keys (0 on sink keys; ``edge`` is :func:`models.window.edge` of that ``kind``),
+    ``w = window_float[kv head]`` (Hkv,) float, which may require grad (the gradient flows through the
+    captured tensor, CUDA only); the causal limit and ``cap`` are the hard block
     mask. ``tau`` may be a float or a 0-d tensor (a tensor either way inside, so annealing it does not
     recompile). Shapes as :func:`hard_attention`. On CPU only the forward runs: FlexAttention has no CPU
     backward, so with grad enabled and anything requiring grad this raises NotImplementedError (use the
@@ -300,7 +304,7 @@ def soft_attention(
         if sc is not None:
             score = sc * torch.tanh(score / sc)
         distance = (q_idx + offset - kv_idx).to(w.dtype)
-        gate = F.logsigmoid((w[kv] - 0.5 - distance) / tau_t)
+        gate = F.logsigmoid(win.edge(w[kv], distance, kind) / tau_t)
         return score + torch.where(kv_idx < s[kv], torch.zeros_like(gate), gate)
 
     return _run(query, key, value, score_mod, mask, scaling)

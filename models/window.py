@@ -22,15 +22,25 @@ which keys a head sees and holds:
 - ``soft_bias``: the differentiable relaxation (the learnable gates).
 
 ``soft_bias`` is the differentiable relaxation used for learning: an additive attention bias
-``logsigmoid((window - 0.5 - distance) / tau)`` on non-sink keys. As ``tau -> 0`` it becomes 0 on
-every key that ``allowed`` keeps and ``-inf`` on every other key (the 0.5 puts the step between
-two integer distances, so the limit is exactly the hard mask).
+``logsigmoid(edge(window, distance) / tau)`` on non-sink keys, with ``edge = window - 0.5 - distance``
+(``"linear"``, tau in tokens) or ``log(window - 0.5) - log(distance)`` (``"log"``, tau in log-distance: a
+key 5x beyond the window still carries a gradient, where the linear edge's is zero a few tau out). As
+``tau -> 0`` either becomes 0 on every key that ``allowed`` keeps and ``-inf`` on every other key (the 0.5
+puts the step between two integer distances, so the limit is exactly the hard mask).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def edge(window: torch.Tensor, distance: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+    """The soft window's signed edge (before the temperature): > 0 exactly at the distances a window keeps
+    (``distance <= window - 1``), 0 halfway to the first one it drops. ``kind``: "linear" or "log"."""
+    if kind == "log":  # distance 0 (the query itself) is always inside: clamped, not log(0)
+        return torch.log(window - 0.5) - torch.log(distance.clamp_min(1e-3))
+    return window - 0.5 - distance
 
 
 def native(
@@ -93,9 +103,10 @@ def hard_bias(
 
 def soft_bias(
     q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, tau: float,
-    cap: torch.Tensor | None = None,
+    cap: torch.Tensor | None = None, kind: str = "linear",
 ) -> torch.Tensor:
-    """Differentiable bias (H, Q, K); ``window`` may be a float tensor that requires grad.
+    """Differentiable bias (H, Q, K); ``window`` may be a float tensor that requires grad; ``kind``: the
+    :func:`edge`.
 
     Sinks, the causal limit and the native cap stay hard; only the window edge is soft -- unless ``sink``
     is a float tensor (learned sinks): then key k is a sink with the soft edge ``sigmoid((sink - 0.5 - k) /
@@ -107,8 +118,8 @@ def soft_bias(
     t = q_pos.shape[-1]
     if (q_pos.dim() == 1 and k_pos.dim() == 1 and k_pos.shape[0] == t and not sink.is_floating_point()
             and _is_range(q_pos) and _is_range(k_pos)):
-        return _DistanceBias.apply(window, sink, cap, t, float(tau))
-    return _soft_bias_dense(q_pos, k_pos, sink, window, tau, cap)
+        return _DistanceBias.apply(window, sink, cap, t, float(tau), kind)
+    return _soft_bias_dense(q_pos, k_pos, sink, window, tau, cap, kind)
 
 
 def _is_range(p: torch.Tensor) -> bool:
@@ -148,36 +159,38 @@ class _DistanceBias(torch.autograd.Function):
         return out
 
     @staticmethod
-    def forward(ctx, window, sink, cap, t, tau):  # noqa: ANN001 -- autograd.Function's signature
+    def forward(ctx, window, sink, cap, t, tau, kind):  # noqa: ANN001 -- autograd.Function's signature
         d = torch.arange(t, device=window.device, dtype=window.dtype)
-        x = (window.view(-1, 1) - 0.5 - d) / tau  # (H, T)
+        w = window.view(-1, 1)
+        x = edge(w, d, kind) / tau  # (H, T)
         inside = torch.ones_like(x, dtype=torch.bool)
         if cap is not None:
             inside = d < _cap(cap).view(-1, 1).to(x.dtype)
-        ctx.save_for_backward(x, sink, inside)
-        ctx.tau = tau
+        ctx.save_for_backward(x, sink, inside, w)
+        ctx.tau, ctx.kind = tau, kind
         g = F.logsigmoid(x).masked_fill(~inside, float("-inf"))
         return _DistanceBias._layout(g, sink, float("-inf"))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
-        x, sink, inside = ctx.saved_tensors
-        slope = (torch.sigmoid(-x) / ctx.tau).masked_fill(~inside, 0.0)  # d logsigmoid(x) / d window
+        x, sink, inside, w = ctx.saved_tensors
+        dx = 1 / (w - 0.5) if ctx.kind == "log" else 1.0  # d edge / d window
+        slope = (torch.sigmoid(-x) * dx / ctx.tau).masked_fill(~inside, 0.0)  # d logsigmoid(x) / d window
         per_key = _DistanceBias._layout(slope, sink, 0.0)  # (H, T, T): sink columns 0
         h = x.shape[0]
         g = torch.bmm(grad.reshape(h, 1, -1).to(per_key.dtype), per_key.reshape(h, -1, 1)).view(h)
-        return g, None, None, None, None
+        return g, None, None, None, None, None
 
 
 def _soft_bias_dense(
     q_pos: torch.Tensor, k_pos: torch.Tensor, sink: torch.Tensor, window: torch.Tensor, tau: float,
-    cap: torch.Tensor | None = None,
+    cap: torch.Tensor | None = None, kind: str = "linear",
 ) -> torch.Tensor:
     """``soft_bias`` for any positions, elementwise over (H, Q, K) (the reference)."""
     q = q_pos.view(1, -1, 1).to(window.dtype)
     k = k_pos.view(1, 1, -1).to(window.dtype) if k_pos.dim() == 1 else k_pos.unsqueeze(1).to(window.dtype)
     w = window.view(-1, 1, 1)
-    x = (w - 0.5 - (q - k)) / tau
+    x = edge(w, q - k, kind) / tau
     if sink.is_floating_point():  # learned sinks, soft too: a key is seen if in the sinks OR the window
         xs = (sink.view(-1, 1, 1).to(window.dtype) - 0.5 - k) / tau
         gate = torch.logaddexp(F.logsigmoid(x), F.logsigmoid(xs) + F.logsigmoid(-x))  # log(pw + ps - pw ps)

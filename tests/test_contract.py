@@ -261,6 +261,8 @@ CASES = [
     (T + " --budget 16 --init {d}/missing.json", "--init: cannot read allocation file"),
     (T + " --budget 16 --init {f:alloc_negative}", "--init: "),
     (T + " --budget 16 --tau-schedule cubic", "tau_schedule must be one of"),
+    (T + " --budget 16 --edge cubic", "edge must be one of"),
+    (T + " --budget 16 --edge log", "the log edge needs tau_start and tau_end below 1"),
     (T + " --budget 16 --max-steps 0", "--max-steps must be between"),
     (T + " --budget 16 --seq-len 0", "--seq-len must be between"),
     (T + " --budget 16 --seq-len 100000", "positions"),

@@ -154,10 +154,11 @@ def test_hard_mqa_fewer_queries_softcap(sink, cap, window):  # 4 query heads on 
 # ---- soft attention ------------------------------------------------------------------------------------
 
 
-def soft_reference(q, k, v, sink, window_float, tau, cap=None):
+def soft_reference(q, k, v, sink, window_float, tau, cap=None, kind="linear"):
     q_len, k_len = q.shape[2], k.shape[2]
     q_pos, k_pos = torch.arange(k_len - q_len, k_len), torch.arange(k_len)
-    bias = win.soft_bias(q_pos.to(q.device), k_pos.to(q.device), sink.to(q.device), window_float, tau)
+    bias = win.soft_bias(q_pos.to(q.device), k_pos.to(q.device), sink.to(q.device), window_float, tau,
+                         kind=kind)
     bias = bias.masked_fill(beyond_cap(q_pos, k_pos, cap, k.shape[1]).to(q.device), float("-inf"))
     return reference(q, k, v, bias)
 
@@ -165,10 +166,12 @@ def soft_reference(q, k, v, sink, window_float, tau, cap=None):
 def test_soft_forward_matches_soft_bias():
     q, k, v = qkv(9, 3, 200, 200, seed=4)
     sink, window = torch.tensor([0, 4, 4]), torch.tensor([3.3, 40.0, 150.7])
-    for tau, cap in [(0.5, None), (4.0, 16), (1.0, torch.tensor([0, 30, 16]))]:
+    caps = torch.tensor([0, 30, 16])
+    for tau, cap, kind in [(0.5, None, "linear"), (4.0, 16, "linear"), (1.0, caps, "linear"),
+                           (0.5, None, "log"), (0.2, caps, "log")]:
         with torch.no_grad():
-            out = flex.soft_attention(q, k, v, sink, window, tau, cap, None)
-        close(out, soft_reference(q, k, v, sink, window, tau, cap))
+            out = flex.soft_attention(q, k, v, sink, window, tau, cap, None, kind=kind)
+        close(out, soft_reference(q, k, v, sink, window, tau, cap, kind))
 
 
 def test_soft_backward_refused_on_cpu():

@@ -536,7 +536,7 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
     changed = dict(
         model="other", corpus="pg19", encoding="latin-1", budget=16,
         sink=2, sink_max=8, seq_len=512, batch_size=4, max_steps=50, lr=0.1,
-        lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear",
+        lr_schedule="const", lr_end_frac=0.5, tau_start=4.0, tau_end=1.0, tau_schedule="linear", edge="log",
         objective="ce", init="runs/x/allocation.json", n_blocks=7, passkey_mix=0.25, val_blocks=2,
         dtype="bfloat16", precision="bf16-mixed", devices=2, seed=1,
     )
@@ -577,6 +577,29 @@ def test_passkey_mix_replaces_that_share_of_training_blocks_with_answered_passke
     assert torch.equal(again.train, mixed.train)  # seeded
     with pytest.raises(TrainError, match="passkey_mix must lie in"):
         config(assets, passkey_mix=1.5)
+
+
+def test_a_log_edge_run(assets, tiny_lm, tmp_path):
+    """--edge log reaches the student's mask (keys far beyond a window keep some weight, so the loss
+    differs from the linear edge's at the same windows: tests/test_window.py has the edge itself); a run
+    trains and exports under the exact budget with it; its tau must be below 1."""
+    from alloc.gates import WindowGates
+    from alloc.train import distill_loss
+    from models.loading import model_shape
+
+    lm, tok = tiny_lm
+    x = torch.randint(0, 100, (1, 64))
+    gates = WindowGates(model_shape(lm).shape, 6.0, 64, 0)  # windows of 6 in 64-token blocks
+    with torch.no_grad():
+        loss = {edge: float(distill_loss(lm, gates, x, 0.5, "ce", edge=edge)) for edge in ("linear", "log")}
+        hard = float(distill_loss(lm, gates, x, 1e-4, "ce", edge="log"))
+    assert abs(loss["log"] - loss["linear"]) > 1e-4
+    assert hard == pytest.approx(float(distill_loss(lm, gates, x, 1e-4, "ce")), rel=1e-5)  # the same limit
+    alloc = fit(lm, tok, config(assets, max_steps=2, edge="log", tau_start=0.5, tau_end=0.1),
+                tmp_path / "log", "t-log", progress=False)
+    assert abs(alloc.eff_ctx() - 12) < 1e-9
+    with pytest.raises(TrainError, match="the log edge needs tau_start and tau_end below 1"):
+        config(assets, edge="log")
 
 
 def test_resume_run_dir_is_the_directory_that_holds_the_checkpoint(trained, tmp_path):

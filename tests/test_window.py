@@ -41,18 +41,38 @@ def test_soft_bias_tends_to_hard_mask():
     assert torch.equal(torch.exp(win.soft_bias(q, q, sink, window.float(), 1e-3)) > 0.5, hard == 0)
 
 
+def test_log_edge_tends_to_the_hard_mask_and_reaches_far_keys():
+    """The log edge (tau in log-distance) has the same hard limit; unlike the linear edge, a key five
+    windows back keeps a share of its weight (``(w / d) ** (1 / tau)``) and so a gradient on the window."""
+    T = 120
+    q = torch.arange(T)
+    sink, window = torch.tensor([4, 0]), torch.tensor([7, 20])
+    hard = win.hard_bias(q, q, sink, window, torch.float32)
+    soft = win.soft_bias(q, q, sink, window.float(), 1e-3, kind="log")
+    assert torch.equal(torch.isinf(soft), (q.view(1, -1, 1) < q.view(1, 1, -1)).expand_as(soft))
+    assert torch.equal(torch.exp(soft) > 0.5, hard == 0)
+    assert (soft[hard == 0]).abs().max() < 1e-6
+    weight = {}
+    for kind, tau in (("linear", 2.0), ("log", 0.5)):
+        w = torch.tensor([20.0], dtype=torch.float64, requires_grad=True)
+        kept = torch.exp(win.soft_bias(q, q, torch.tensor([0]), w, tau, kind=kind))[0, 110, 10]  # 100 back
+        weight[kind] = (float(kept.detach()), float(torch.autograd.grad(kept, w)[0]))
+    assert weight["linear"][0] < 1e-15 and weight["linear"][1] < 1e-15
+    assert abs(weight["log"][0] - 1 / (1 + (100 / 19.5) ** 2)) < 1e-9 and weight["log"][1] > 1e-3
+
+
 def test_soft_bias_by_distance_equals_the_elementwise_reference():
     """A training block (queries = keys = 0..T-1) takes the per-distance path: the same values, the same
     -inf pattern (causal, native cap, sinks beyond the cap) and the same window gradient as the
-    elementwise definition, for sinks 0..7 and with and without caps."""
+    elementwise definition, for sinks 0..7, with and without caps, for both edges."""
     torch.manual_seed(0)
     for t, cap in ((64, None), (64, torch.tensor([16, 16, 16, 16])), (37, torch.tensor([0, 0, 0, 0]))):
         q = torch.arange(t)
         sink = torch.tensor([4, 0, 2, 7])
         window = (torch.rand(4, dtype=torch.float64) * t).requires_grad_(True)  # float64: sums in any order
-        for tau in (2.0, 0.3):
-            fast = win.soft_bias(q, q, sink, window, tau, cap)
-            ref = win._soft_bias_dense(q, q, sink, window, tau, cap)
+        for tau, kind in ((2.0, "linear"), (0.3, "linear"), (0.5, "log"), (0.1, "log")):
+            fast = win.soft_bias(q, q, sink, window, tau, cap, kind)
+            ref = win._soft_bias_dense(q, q, sink, window, tau, cap, kind)
             finite = torch.isfinite(ref)
             assert torch.equal(torch.isfinite(fast), finite)
             assert torch.equal(fast[finite], ref[finite])
