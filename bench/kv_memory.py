@@ -161,10 +161,9 @@ def allocations(args: argparse.Namespace, model: torch.nn.Module, tok: object) -
                 q_per_kv=shape.q_per_kv,
                 meta={"policy": "spread_128", "budget": 128},
             )
-        elif args.varied_rule == "retrieval":
-            a = retrieval_heads_allocation(model, tok)
         else:
-            a = far_heads_allocation(model, tok)
+            rule = retrieval_heads_allocation if args.varied_rule == "retrieval" else far_heads_allocation
+            a = rule(model, tok, args.varied_budget, args.long_heads, args.long_window)
         rows.append((a.name, a))
     return rows
 
@@ -228,6 +227,9 @@ def parse(argv: list[str] | None = None, tokens: int = 4096) -> argparse.Namespa
         default="far",
         help="far: heads attending furthest on text; retrieval: heads looking at passkey needles",
     )
+    p.add_argument("--varied-budget", type=int, default=128, help="Eff.Ctx of the built allocation")
+    p.add_argument("--long-heads", type=int, default=4, help="KV heads the rule gives --long-window")
+    p.add_argument("--long-window", type=int, default=2044, help="their window (T - 4: the whole stream)")
     p.add_argument("--save-varied", default=None, help="write the built per-head allocation JSON here")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
