@@ -231,7 +231,7 @@ class TrainConfig:
     tau_end: float = opt(2.0, "Soft-edge temperature at the last step (the export is hard either way).")
     tau_schedule: str = opt("exp", "exp, linear or const.")
     edge: str = opt("linear", "The soft window's edge: linear (tau in tokens) or log (tau in log-distance, "
-                    "below 1; a key far beyond a window still moves it).")
+                    "below 1; a key far beyond a window still moves it; not with sink_max).")
     objective: str = opt("kl", "kl (distil full attention; the default, see the README), ce (language-model "
                          "loss) or mix (their mean).")
     init: Optional[str] = opt(None, "Warm start: an allocation JSON whose windows start the gates (default: "
@@ -303,6 +303,9 @@ class TrainConfig:
         if self.edge == "log" and not (self.tau_start < 1 and self.tau_end < 1):
             raise TrainError(f"the log edge needs tau_start and tau_end below 1 (log-distance), got "
                              f"{self.tau_start:g} and {self.tau_end:g}")
+        if self.edge == "log" and self.sink_max:
+            raise TrainError("the log edge is for windows only: learned sinks (sink_max) keep the linear edge, "
+                             "whose tau is in tokens; use one or the other")
         if not 0 <= self.passkey_mix <= 1:
             raise TrainError(f"passkey_mix must lie in [0, 1], got {self.passkey_mix!r}")
         if not 0 <= self.lr_end_frac <= 1:

@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -120,7 +121,9 @@ def _spread(shape, budget: int, long_heads: list[int], long_window: int, rule: s
     rest = n * (budget - SINK) - len(long_heads) * long_window
     others = n - len(long_heads)
     if rest < others:
-        raise ValueError("the long windows leave less than one token for the other heads")
+        fail(f"{len(long_heads)} long heads of window {long_window} leave less than one token of window to "
+             f"the other {others} heads at Eff.Ctx {budget}: lower --long-heads or --long-window, or raise "
+             f"--varied-budget")
     window = torch.full((n,), rest // others, dtype=torch.long)
     short = [i for i in range(n) if i not in long_heads]
     window[short[: rest % others]] += 1  # repair the budget exactly
@@ -229,12 +232,25 @@ def parse(argv: list[str] | None = None, tokens: int = 4096) -> argparse.Namespa
     )
     p.add_argument("--varied-budget", type=int, default=128, help="Eff.Ctx of the built allocation")
     p.add_argument("--long-heads", type=int, default=4, help="KV heads the rule gives --long-window")
-    p.add_argument("--long-window", type=int, default=2044, help="their window (T - 4: the whole stream)")
+    p.add_argument(
+        "--long-window", type=int, default=2044, help="their window (T - 4 for the whole stream)"
+    )
     p.add_argument("--save-varied", default=None, help="write the built per-head allocation JSON here")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.policy = args.policy or ["B_streaming_128"]
+    if args.varied_budget <= SINK or args.long_heads < 0 or args.long_window < 1:
+        fail(
+            f"--varied-budget must exceed the sink ({SINK}), --long-heads be >= 0 and --long-window >= 1; "
+            f"got {args.varied_budget}, {args.long_heads} and {args.long_window}"
+        )
     return args
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one ``error:`` line on stderr, exit 2 (before anything is written)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def header(model: torch.nn.Module, args: argparse.Namespace, bench: str) -> dict:

@@ -304,7 +304,7 @@ def _flex_attention(state: _State, layer: int, query, key, value, scaling, softc
         return flex.hard_attention(query, key, value, masks.sink[layer], masks.window[layer], cap, scaling,
                                    softcap)
     return flex.soft_attention(query, key, value, masks.sink[layer], masks.window[layer], masks.tau, cap,
-                               scaling, softcap, getattr(masks, "edge", "linear"))
+                               scaling, softcap, masks.edge)
 
 
 class _AddHeadBias(torch.autograd.Function):

@@ -110,8 +110,9 @@ def soft_bias(
 
     Sinks, the causal limit and the native cap stay hard; only the window edge is soft -- unless ``sink``
     is a float tensor (learned sinks): then key k is a sink with the soft edge ``sigmoid((sink - 0.5 - k) /
-    tau)`` and the bias is the log of the probability that the sinks or the window keep it. When queries and
-    keys are the same positions 0..T-1 (a training block) the bias depends on the distance q - k only, so
+    tau)`` (linear whatever ``kind``: the training config refuses the log edge with learned sinks) and the
+    bias is the log of the probability that the sinks or the window keep it. When queries and keys are the
+    same positions 0..T-1 (a training block) the bias depends on the distance q - k only, so
     it is computed once per distance and laid out by index (:class:`_DistanceBias`: the same values and
     gradient, fewer passes over (H, T, T), and nothing that size kept for the backward).
     """

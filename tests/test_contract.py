@@ -263,6 +263,7 @@ CASES = [
     (T + " --budget 16 --tau-schedule cubic", "tau_schedule must be one of"),
     (T + " --budget 16 --edge cubic", "edge must be one of"),
     (T + " --budget 16 --edge log", "the log edge needs tau_start and tau_end below 1"),
+    (T + " --budget 16 --edge log --tau-start .5 --tau-end .1 --sink-max 8", "log edge is for windows only"),
     (T + " --budget 16 --max-steps 0", "--max-steps must be between"),
     (T + " --budget 16 --seq-len 0", "--seq-len must be between"),
     (T + " --budget 16 --seq-len 100000", "positions"),
