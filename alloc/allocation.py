@@ -32,6 +32,7 @@ from models.attention import FullCache, HardMask, check_family, windowed
 from models.common import HeadkvError, atomic_write
 from models.kv_cache import PerHeadCache
 from models.loading import ModelShape, model_shape
+from models.static_cache import StaticHeadCache
 
 FORMAT_VERSION = 1
 
@@ -254,7 +255,7 @@ def full_allocation(shape: ModelShape, seq_len: int) -> Allocation:
 @contextmanager
 def applied(
     model: PreTrainedModel, allocation: Allocation | None, *, evict: bool = False, reindex: bool = False,
-    backend: str = "dense",
+    backend: str = "dense", static: int | None = None,
 ) -> Iterator[Any]:
     """The one door: run ``model`` under ``allocation`` inside the block; everything is undone on exit.
 
@@ -264,8 +265,18 @@ def applied(
     ``reindex=True``: StreamingLLM's position re-indexing (distances counted inside the cache).
     ``allocation=None`` is full attention: the model runs untouched. ``backend``: the masked forward's
     attention kernel, "dense" (the reference), "flex" (block-sparse) or "auto"
-    (:func:`models.attention.windowed`).
+    (:func:`models.attention.windowed`), also the prefill's kernel of a static cache.
+    ``static=max_len`` (with ``evict=True``): the fixed-capacity cache of :mod:`models.static_cache` for at
+    most ``max_len`` tokens per sequence, whose decode step a CUDA graph can capture; with
+    ``allocation=None`` it holds every token (full attention as a static cache).
     """
+    if static is not None:
+        if not evict or reindex:
+            raise AllocationError("a static cache is an evicting cache without re-indexing (evict=True)")
+        if allocation is None:
+            shape = model_shape(model)
+            allocation = Allocation.uniform(shape.shape, 0, int(static), model_id=shape.model_id,
+                                            q_per_kv=shape.q_per_kv)
     if allocation is None:
         if reindex:
             raise AllocationError("full attention holds every token: there is nothing to re-index")
@@ -275,6 +286,9 @@ def applied(
     shape = model_shape(model)
     allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
     sink, window, cap = allocation.bound(shape.native).effective(model.device)
-    cache = PerHeadCache(sink, window, cap, reindex=reindex) if evict else None
+    if static is not None:
+        cache = StaticHeadCache(sink, window, cap, int(static))
+    else:
+        cache = PerHeadCache(sink, window, cap, reindex=reindex) if evict else None
     with windowed(model, HardMask(sink, window, cap), cache if evict else FullCache(reindex), backend):
         yield cache

@@ -39,7 +39,7 @@ from alloc.allocation import Allocation
 from alloc.config import OBJECTIVES, TrainConfig, TrainError
 from alloc.gates import WindowGates
 from models import scoring
-from models.attention import is_clean, windowed
+from models.attention import is_clean, soft_trains_on_flex, windowed
 from models.loading import model_shape
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,11 @@ def distill_loss(
         with torch.no_grad():  # the teacher: the same frozen model, full attention
             teacher = scoring.hidden(lm, tokens)  # (B, T, H)
     masks = gates.mask(tau, edge)
-    remat = _kept_scores(lm, tokens) > CHECKPOINT_ABOVE if checkpoint is None else checkpoint
+    if checkpoint is None:  # the flex path keeps no scores: nothing to recompute
+        shape = model_shape(lm)
+        checkpoint = _kept_scores(lm, tokens) > CHECKPOINT_ABOVE and not soft_trains_on_flex(
+            backend, tokens.shape[1], tokens.device, shape.head_dim, next(lm.parameters()).dtype)
+    remat = checkpoint
     recompute = lambda: _rewindowed(lm, masks, backend)  # noqa: E731
     layers = scoring.checkpointed_layers(lm, recompute) if remat else nullcontext()
     with windowed(lm, masks, backend=backend), layers:

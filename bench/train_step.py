@@ -95,7 +95,7 @@ def measure(lm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace)
 
     def train_step(objective: str = "kl") -> None:
         opt.zero_grad()
-        distill_loss(lm, gates, blocks, tau=2.0, objective=objective).backward()
+        distill_loss(lm, gates, blocks, tau=2.0, objective=objective, backend=args.attention).backward()
         opt.step()
 
     def teacher_fwd() -> None:
@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--attention", default="auto", choices=("auto", "flex", "dense"),
+                    help="the student's attention kernel, as train's config (auto: flex where it trains)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.threads:
@@ -154,6 +156,7 @@ def main() -> None:
         "batch": args.batch,
         "seq_len": args.seq_len,
         "budget": args.budget,
+        "attention": args.attention,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -32,6 +32,7 @@ inside the cache, so a head with sink ``s`` and window ``w`` never sees a distan
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -280,18 +281,49 @@ def _block_sparse(state: _State, query: torch.Tensor) -> bool:
     last Q of the keys), and a kernel that runs here (soft gates that need a gradient: CUDA only)."""
     if state.backend == "dense" or (state.backend == "auto" and query.shape[2] < FLEX_MIN_QUERIES):
         return False
-    if state.rotary is not None or state.padding or not isinstance(state.positions, FullCache):
+    prefix = isinstance(state.positions, FullCache) or getattr(state.positions, "prefix", False)
+    if state.rotary is not None or state.padding or not prefix:
         return False
     masks = state.masks
     if not isinstance(masks, HardMask):
         window = getattr(masks, "window", None)
         if window is None or not hasattr(masks, "tau") or masks.sink.is_floating_point():
             return False  # learned (soft) sinks: the dense soft bias only
-        if window.requires_grad and torch.is_grad_enabled() and query.device.type != "cuda":
-            return False  # FlexAttention has no backward on CPU: the dense soft bias trains there
+        if window.requires_grad and torch.is_grad_enabled():
+            return _flex_trains(query)  # probed: the dense soft bias trains where flex cannot
     from models import flex
 
     return flex.available(query.device, query.shape[-1], query.dtype)
+
+
+def soft_trains_on_flex(backend: str, query_len: int, device: torch.device | str, head_dim: int,
+                        dtype: torch.dtype) -> bool:
+    """Whether a training forward of learnable soft gates under ``backend`` takes the FlexAttention path
+    (then nothing of size T x T is kept for the backward, and the caller need not recompute layers)."""
+    if backend == "dense" or (backend == "auto" and query_len < FLEX_MIN_QUERIES):
+        return False
+    from models import flex
+
+    return flex.trainable(device, head_dim, dtype)
+
+
+_FELL_BACK: set[tuple] = set()
+
+
+def _flex_trains(query: torch.Tensor) -> bool:
+    """Whether the soft window trains through FlexAttention here (:func:`models.flex.trainable`); a CUDA
+    device where it does not says so once, in one log line, and the dense soft bias takes over."""
+    from models import flex
+
+    ok = flex.trainable(query.device, query.shape[-1], query.dtype)
+    key = (query.device.type, query.shape[-1], query.dtype)
+    if not ok and query.device.type == "cuda" and key not in _FELL_BACK:
+        _FELL_BACK.add(key)
+        logging.getLogger(__name__).warning(
+            "FlexAttention does not train here (torch %s, head dim %d, %s): the dense soft bias trains "
+            "instead",
+            torch.__version__, query.shape[-1], str(query.dtype).removeprefix("torch."))
+    return ok
 
 
 def _flex_attention(state: _State, layer: int, query, key, value, scaling, softcap) -> torch.Tensor:

@@ -34,7 +34,9 @@ K (the evicting cache of :mod:`models.kv_cache` already holds only the keys a de
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -46,7 +48,12 @@ try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - old torch
     BlockMask = flex_attention = None
+try:  # torch >= 2.9: the lse as an auxiliary output (return_lse is deprecated)
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover
+    AuxRequest = None
 
+log = logging.getLogger(__name__)
 BLOCK = 128  # FlexAttention's sparse tile (query and key)
 CACHE_SIZE = 128  # block masks kept (LRU); a 30-layer model with distinct rows per layer needs 30 per shape
 RECOMPILE_LIMIT = 64  # dynamo's default (8) would silently fall back to eager (dense) flex past 8 shapes
@@ -55,6 +62,8 @@ _NO_CAP = 2**62  # "no cap" as a number, so cap None and cap 16 share one compil
 Cap = int | torch.Tensor | None  # a layer's native cap: one for all heads or one per KV head; <= 0: none
 
 _compiled = None
+# per device type: the kernel options the training probe settled on ({} = flex's defaults); see trainable()
+KERNEL_OPTIONS: dict[str, dict] = {}
 _lock = threading.Lock()
 _masks: OrderedDict[tuple, BlockMask] = OrderedDict()
 _available: dict[tuple, bool] = {}
@@ -221,12 +230,25 @@ def _softcap(softcap: float | None, device: torch.device):
     return torch.tensor(float(softcap), device=device, dtype=torch.float32)
 
 
-def _run(query, key, value, score_mod, mask, scaling):
+def _call(query, key, value, score_mod, mask, scaling, lse: bool = False):
+    """The compiled flex call: (B, Hq, Q, D), or (output, lse-or-aux) with ``lse``."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit):
-        out = _flex()(query, key, value, score_mod=score_mod, block_mask=mask, scale=float(scale),
-                      enable_gqa=True)
+    kw = {}
+    if lse:
+        kw = {"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True}
+    if KERNEL_OPTIONS.get(query.device.type):
+        kw["kernel_options"] = KERNEL_OPTIONS[query.device.type]
+    # compiled flex on CPU has no lse output: the eager kernel (it materializes scores) gives it there
+    fn = flex_attention if lse and query.device.type == "cpu" else _flex()
+    with torch._dynamo.config.patch(recompile_limit=limit), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return fn(query, key, value, score_mod=score_mod, block_mask=mask, scale=float(scale),
+                       enable_gqa=True, **kw)
+
+
+def _run(query, key, value, score_mod, mask, scaling):
+    out = _call(query, key, value, score_mod, mask, scaling)
     return out.transpose(1, 2).contiguous()  # (B, Q, Hq, D), as sdpa_attention_forward
 
 
@@ -259,6 +281,66 @@ def hard_attention(
     return _run(query, key, value, score_mod, mask, scaling)
 
 
+def _soft_score_mod(w, s, tau_t, offset, sc, r, kind, slope: bool = False):
+    """The soft window's ``score_mod`` (see :func:`soft_attention`). ``slope=True``: the score plus
+    ``log(d gate / d window)`` instead of plus the gate, so a forward under it weighs each key by the
+    gate's slope (the window gradient, :class:`_WindowGrad`); sink keys get a finite floor (slope 0)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        kv = h // r
+        if sc is not None:
+            score = sc * torch.tanh(score / sc)
+        distance = (q_idx + offset - kv_idx).to(w.dtype)
+        x = win.edge(w[kv], distance, kind) / tau_t
+        gate = F.logsigmoid(x)
+        if slope:  # d logsigmoid(x) / d w = sigmoid(-x) * d edge / d w / tau
+            log_dedge = -torch.log(w[kv] - 0.5) if kind == "log" else 0.0  # log(d edge / d w)
+            gate = gate + F.logsigmoid(-x) + log_dedge - torch.log(tau_t)
+            return score.to(gate.dtype) + torch.where(kv_idx < s[kv], torch.full_like(gate, _FLOOR), gate)
+        return score + torch.where(kv_idx < s[kv], torch.zeros_like(gate), gate)
+
+    return score_mod
+
+
+_FLOOR = -1e30  # "no weight" that stays finite: a row of sink keys only must not give NaN
+
+
+def _aux_lse(out):
+    """(output, lse) of a flex call made with the lse requested, across torch versions."""
+    return (out[0], out[1].lse) if hasattr(out[1], "lse") else out
+
+
+class _WindowGrad(torch.autograd.Function):
+    """Identity on the attention output; its backward adds the soft window's gradient.
+
+    With the bias ``g(w, d)`` added to scores ``S``, ``dL/dw = sum_{q,k} dS_qk dg/dw``, ``dS = P o (dP - D)``
+    (``dP = dO V^T``, ``D = rowsum(dO o O)``). Writing ``P_qk g'_qk = exp(S + g + log g' - lse_q)``, a second
+    forward under the score ``S + g + log g'`` gives ``out'`` and ``lse'``, and the sums over keys close:
+    ``dL/dw = sum_q exp(lse'_q - lse_q) (dO_q . out'_q - D_q)`` -- two flex forwards, nothing of size Q x K,
+    exact (no band cut), no gradient through a captured tensor. ``dO`` passes through unchanged to flex's
+    own backward for the query, key and value gradients (the window is a constant there)."""
+
+    @staticmethod
+    def forward(ctx, out, window, lse, query, key, value, run):  # noqa: ANN001
+        ctx.save_for_backward(out, lse, query, key, value)
+        ctx.run = run
+        ctx.n_kv = window.shape[0]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        out, lse, query, key, value = ctx.saved_tensors
+        with torch.no_grad():
+            out2, lse2 = ctx.run(query, key, value)  # (B, Hq, Q, D), (B, Hq, Q)
+            up = torch.promote_types(grad.dtype, torch.float32)  # float32 at least, float64 stays
+            d = (grad.to(up) * out.to(up)).sum(-1)  # (B, Hq, Q)
+            dot = (grad.to(up) * out2.to(up)).sum(-1)
+            weight = torch.exp((lse2.to(up) - lse.to(up)).clamp(max=60.0))
+            per_head = (weight * (dot - d)).sum((0, 2))  # (Hq,)
+            gw = per_head.view(ctx.n_kv, -1).sum(1)
+        return grad, gw, None, None, None, None, None
+
+
 def soft_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -275,39 +357,45 @@ def soft_attention(
 
     Scores (scaled, then soft-capped if ``softcap``) get ``logsigmoid(edge(w, t - k) / tau)`` added on
     non-sink keys (0 on sink keys; ``edge`` is :func:`models.window.edge` of that ``kind``),
-    ``w = window_float[kv head]`` (Hkv,) float, which may require grad (the gradient flows through the
-    captured tensor, CUDA only); the causal limit and ``cap`` are the hard block
-    mask. ``tau`` may be a float or a 0-d tensor (a tensor either way inside, so annealing it does not
-    recompile). Shapes as :func:`hard_attention`. On CPU only the forward runs: FlexAttention has no CPU
-    backward, so with grad enabled and anything requiring grad this raises NotImplementedError (use the
-    dense path there).
+    ``w = window_float[kv head]`` (Hkv,) float; the causal limit and ``cap`` are the hard block mask.
+    ``tau`` may be a float or a 0-d tensor (a tensor either way inside, so annealing it does not recompile).
+    Shapes as :func:`hard_attention`.
+
+    The window is captured detached (flex's backward never differentiates a captured tensor: that path
+    failed to compile on CUDA); its gradient comes from :class:`_WindowGrad` (a second flex forward), and
+    the query, key and value gradients from flex's own backward. On CPU FlexAttention has no backward: the
+    window's gradient works there (two forwards), a query/key/value that requires grad raises
+    NotImplementedError (use the dense path).
     """
     _check(query, key, value, sink)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (query, key, value, window_float) if isinstance(t, torch.Tensor))
-    if needs_grad and query.device.type != "cuda":
+    grad_on = torch.is_grad_enabled()
+    qkv_grad = grad_on and any(t.requires_grad for t in (query, key, value))
+    w_grad = grad_on and window_float.requires_grad
+    if qkv_grad and query.device.type != "cuda":
         raise NotImplementedError("FlexAttention has no backward on this device; use the dense soft bias")
     n_kv = key.shape[1]
     r = query.shape[1] // n_kv
     dev = query.device
     mask = block_mask(torch.zeros(n_kv, dtype=torch.long), torch.full((n_kv,), _NO_CAP), cap,
                       query.shape[2], key.shape[2], query.shape[1], dev)
-    w = window_float.to(dev)
+    w = window_float.detach().to(dev)
     s = sink.to(dev, torch.long)
-    tau_t = (tau.to(dev, w.dtype) if isinstance(tau, torch.Tensor)
+    tau_t = (tau.detach().to(dev, w.dtype) if isinstance(tau, torch.Tensor)
              else torch.tensor(float(tau), device=dev, dtype=w.dtype))
     offset = torch.tensor(key.shape[2] - query.shape[2], device=dev)
     sc = _softcap(softcap, dev)
+    score_mod = _soft_score_mod(w, s, tau_t, offset, sc, r, kind)
+    if not w_grad:
+        return _run(query, key, value, score_mod, mask, scaling)
+    slope_mod = _soft_score_mod(w, s, tau_t, offset, sc, r, kind, slope=True)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        kv = h // r
-        if sc is not None:
-            score = sc * torch.tanh(score / sc)
-        distance = (q_idx + offset - kv_idx).to(w.dtype)
-        gate = F.logsigmoid(win.edge(w[kv], distance, kind) / tau_t)
-        return score + torch.where(kv_idx < s[kv], torch.zeros_like(gate), gate)
+    def run_slope(q, k, v):
+        return _aux_lse(_call(q, k, v, slope_mod, mask, scaling, lse=True))
 
-    return _run(query, key, value, score_mod, mask, scaling)
+    out, lse = _aux_lse(_call(query, key, value, score_mod, mask, scaling, lse=True))
+    out = _WindowGrad.apply(out, window_float, lse.detach(), query.detach(), key.detach(), value.detach(),
+                            run_slope)
+    return out.transpose(1, 2).contiguous()
 
 
 # ---- availability ---------------------------------------------------------------------------------
@@ -340,6 +428,70 @@ def available(device: torch.device | str, head_dim: int = 64, dtype: torch.dtype
     return ok
 
 
+# kernel options tried in turn by trainable(): flex's defaults, then smaller backward tiles and fewer stages
+# (a default backward config can ask for more shared memory than the card has)
+TRAIN_OPTIONS: tuple[dict, ...] = (
+    {},
+    {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "num_stages": 1},
+    {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "num_stages": 1, "num_warps": 4},
+)
+_trainable: dict[tuple, bool] = {}
+
+
+def trainable(device: torch.device | str, head_dim: int = 64, dtype: torch.dtype = torch.float32) -> bool:
+    """True when :func:`soft_attention` trains on ``device`` for this head dim and dtype: a small GQA
+    forward+backward (query, key, value and window all requiring grad) compiles, runs and matches a plain
+    float32 reference of the soft bias. Kernel options are tried in turn (:data:`TRAIN_OPTIONS`); the first
+    that passes is kept for the process (:data:`KERNEL_OPTIONS`). Probed once per (device type, head dim,
+    dtype); False on CPU (no flex backward there) and whenever nothing passes: callers fall back to the dense
+    soft bias."""
+    device = torch.device(device)
+    probe_key = (device.type, int(head_dim), dtype)
+    if probe_key not in _trainable:
+        ok = False
+        if device.type == "cuda" and available(device, head_dim, dtype):
+            for options in TRAIN_OPTIONS:
+                KERNEL_OPTIONS[device.type] = options
+                if _train_probe(device, head_dim, dtype):
+                    ok = True
+                    break
+            if not ok:
+                KERNEL_OPTIONS.pop(device.type, None)
+        _trainable[probe_key] = ok
+    return _trainable[probe_key]
+
+
+def _train_probe(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    t = 2 * BLOCK + 16  # several tiles, a partial one too
+    leaves = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+              for shape in ((1, 4, t, head_dim), (1, 2, t, head_dim), (1, 2, t, head_dim))]
+    grads = []
+    try:
+        for flex_path in (True, False):
+            w = torch.tensor([40.0, 150.0], device=device, requires_grad=True)
+            q, k, v = leaves
+            sink = torch.tensor([4, 0])
+            if flex_path:
+                out = soft_attention(q, k, v, sink, w, 8.0, None, None)
+            else:  # the reference: the dense soft bias in float32
+                pos = torch.arange(t, device=device)
+                bias = win.soft_bias(pos, pos, sink.to(device), w, 8.0)  # (Hkv, T, T)
+                scores = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2)) * head_dim**-0.5
+                probs = (scores + bias.repeat_interleave(2, 0)).softmax(-1)
+                out = (probs @ v.float().repeat_interleave(2, 1)).transpose(1, 2)
+            out.float().square().sum().backward()
+            grads.append([w.grad.clone(), *(x.grad.clone() for x in leaves)])
+            for x in leaves:
+                x.grad = None
+        torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001 - any compile or run failure means: not this option
+        log.info("flex training probe with %s failed: %s", KERNEL_OPTIONS.get(device.type), str(err)[:200])
+        return False
+    return all(bool(torch.isfinite(a).all()) and float((a.float() - b.float()).norm())
+               <= 0.05 * float(b.float().norm()) + 1e-3 for a, b in zip(*grads, strict=True))
+
+
 def _probe_mask(device: torch.device) -> torch.Tensor:
     """The probe's mask: queries 2, 3, 4 of keys 0..4, sink 1, window 2."""
     t = torch.arange(2, 5).view(-1, 1)
@@ -347,4 +499,5 @@ def _probe_mask(device: torch.device) -> torch.Tensor:
     return ((k <= t) & ((k < 1) | (k > t - 2))).to(device)
 
 
-__all__ = ["BLOCK", "available", "block_mask", "clear_cache", "hard_attention", "soft_attention", "tiles"]
+__all__ = ["BLOCK", "available", "block_mask", "clear_cache", "hard_attention", "soft_attention", "tiles",
+           "trainable"]

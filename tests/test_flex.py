@@ -35,14 +35,17 @@ def rows(n_kv: int, sink: int, shift: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 def reference(q, k, v, bias, scaling=None, softcap=None):
-    """Plain float32 attention with a per-KV-head additive bias (Hkv, Q, K); returns (B, Q, Hq, D)."""
+    """Plain attention (float32, or float64 for float64 inputs) with a per-KV-head additive bias (Hkv, Q, K);
+    returns (B, Q, Hq, D)."""
     r = q.shape[1] // k.shape[1]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = q.float() @ k.float().repeat_interleave(r, 1).transpose(-1, -2) * scale
+    up = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(up), k.to(up), v.to(up)
+    scores = q @ k.repeat_interleave(r, 1).transpose(-1, -2) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     probs = (scores + bias.repeat_interleave(r, 0)).softmax(-1)
-    return (probs @ v.float().repeat_interleave(r, 1)).transpose(1, 2)
+    return (probs @ v.repeat_interleave(r, 1)).transpose(1, 2)
 
 
 def beyond_cap(q_pos, k_pos, cap, heads):
@@ -174,11 +177,33 @@ def test_soft_forward_matches_soft_bias():
         close(out, soft_reference(q, k, v, sink, window, tau, cap, kind))
 
 
-def test_soft_backward_refused_on_cpu():
+def test_soft_backward_into_query_refused_on_cpu():
     q, k, v = qkv(9, 3, 200, 200)
     window = torch.tensor([3.0, 40.0, 150.0], requires_grad=True)
     with pytest.raises(NotImplementedError):
-        flex.soft_attention(q, k, v, torch.zeros(3, dtype=torch.long), window, 1.0, None, None)
+        flex.soft_attention(q.requires_grad_(), k, v, torch.zeros(3, dtype=torch.long), window, 1.0, None,
+                            None)
+
+
+@pytest.mark.parametrize("kind, cap, q_len, tau", [
+    ("linear", None, 200, 2.0), ("log", None, 200, 0.5), ("linear", (0, 30, 16), 200, 8.0),
+    ("linear", 64, 72, 0.5)])
+def test_window_gradient_equals_the_dense_soft_bias_float64(kind, cap, q_len, tau):
+    """The window's gradient of the flex path (two forwards, no flex backward: it runs on CPU) is the
+    dense soft bias's, in float64, with sinks, a native cap and queries that are the last of the keys."""
+    q, k, v = (t.double() for t in qkv(9, 3, q_len, 200, seed=7))
+    sink = torch.tensor([0, 4, 4])
+    cap = torch.tensor(cap) if isinstance(cap, tuple) else cap
+    weight = torch.randn(2, q_len, 9, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for use_flex in (True, False):
+        w = torch.tensor([3.3, 40.0, 150.7], dtype=torch.float64, requires_grad=True)
+        out = (flex.soft_attention(q, k, v, sink, w, tau, cap, None, kind=kind) if use_flex
+               else soft_reference(q, k, v, sink, w, tau, cap, kind))
+        (out * weight).sum().backward()
+        grads.append(w.grad)
+    assert grads[1].abs().max() > 1e-3  # the gradient is not trivially zero
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU; CUDA only")
