@@ -436,6 +436,7 @@ TRAIN_OPTIONS: tuple[dict, ...] = (
     {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "num_stages": 1, "num_warps": 4},
 )
 _trainable: dict[tuple, bool] = {}
+PROBE_ERRORS: list[str] = []  # why each kernel option failed the training probe (for benchmarks' reports)
 
 
 def trainable(device: torch.device | str, head_dim: int = 64, dtype: torch.dtype = torch.float32) -> bool:
@@ -486,7 +487,8 @@ def _train_probe(device: torch.device, head_dim: int, dtype: torch.dtype) -> boo
                 x.grad = None
         torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - any compile or run failure means: not this option
-        log.info("flex training probe with %s failed: %s", KERNEL_OPTIONS.get(device.type), str(err)[:200])
+        PROBE_ERRORS.append(f"{KERNEL_OPTIONS.get(device.type)}: {type(err).__name__}: {str(err)[:300]}")
+        log.info("flex training probe failed: %s", PROBE_ERRORS[-1])
         return False
     return all(bool(torch.isfinite(a).all()) and float((a.float() - b.float()).norm())
                <= 0.05 * float(b.float().norm()) + 1e-3 for a, b in zip(*grads, strict=True))

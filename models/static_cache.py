@@ -185,6 +185,16 @@ class StaticLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("evicted tokens cannot be restored: the static cache does not support crop")
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each sequence ``repeats`` times (before a graph is captured: the buffers become new tensors)."""
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, 0)
+            self.values = self.values.repeat_interleave(repeats, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
 
 class StaticHeadCache(Cache):
     """transformers ``Cache`` of :class:`StaticLayer` s, one per layer (made by ``alloc.allocation.applied``
