@@ -235,11 +235,16 @@ def cuda_tests() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda", "tests/test_flex.py",
            "tests/test_static_cache.py"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                              [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])))
-    tail = proc.stdout.strip().splitlines()[-1:] or [""]
-    return {"returncode": proc.returncode, "summary": tail[0], "wall_s": time.perf_counter() - start}
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired:
+        return {"returncode": None, "summary": "timed out after 180 s", "wall_s": time.perf_counter() - start}
+    lines = proc.stdout.strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR", "E "))][:20]
+    return {"returncode": proc.returncode, "summary": (lines[-1:] or [""])[0], "failures": failed,
+            "wall_s": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> None:
