@@ -255,7 +255,7 @@ def full_allocation(shape: ModelShape, seq_len: int) -> Allocation:
 @contextmanager
 def applied(
     model: PreTrainedModel, allocation: Allocation | None, *, evict: bool = False, reindex: bool = False,
-    backend: str = "dense", static: int | None = None,
+    backend: str = "dense", static: int | None = None, layout: str = "auto",
 ) -> Iterator[Any]:
     """The one door: run ``model`` under ``allocation`` inside the block; everything is undone on exit.
 
@@ -268,7 +268,8 @@ def applied(
     (:func:`models.attention.windowed`), also the prefill's kernel of a static cache.
     ``static=max_len`` (with ``evict=True``): the fixed-capacity cache of :mod:`models.static_cache` for at
     most ``max_len`` tokens per sequence, whose decode step a CUDA graph can capture; with
-    ``allocation=None`` it holds every token (full attention as a static cache).
+    ``allocation=None`` it holds every token (full attention as a static cache); ``layout`` its storage
+    ("auto", "padded" or "flat": :class:`models.static_cache.StaticHeadCache`).
     """
     if static is not None:
         if not evict or reindex:
@@ -287,7 +288,7 @@ def applied(
     allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
     sink, window, cap = allocation.bound(shape.native).effective(model.device)
     if static is not None:
-        cache = StaticHeadCache(sink, window, cap, int(static))
+        cache = StaticHeadCache(sink, window, cap, int(static), shape.n_kv_heads * shape.q_per_kv, layout)
     else:
         cache = PerHeadCache(sink, window, cap, reindex=reindex) if evict else None
     with windowed(model, HardMask(sink, window, cap), cache if evict else FullCache(reindex), backend):

@@ -11,12 +11,14 @@ Sections, in this order (the JSON is rewritten after each, so a run stopped earl
 2. ``train``: at each ``--train-lengths`` T, a KL gate-training step (teacher forward included), a CE step
    and a plain forward+backward of the same model and block (every weight trainable): ``bench/train_step.py``
    with ``--attention auto``; ``flex_trains`` says whether the soft window took the FlexAttention path (the
-   start probe) and with which kernel options.
+   start probe) and with which kernel options. ``train_profile``: torch.profiler's top kernels of one KL
+   step at the shortest length.
 3. ``decode``: tokens/s of greedy single-token steps after a T-token prompt, at batch 1 and ``--batch``:
    transformers' DynamicCache (its own loop, eager), headkv's static full cache, B_streaming_128 and a
-   per-head allocation at Eff.Ctx 128 (windows 32/64/128/272 with sink 4, ``spread_128``), the static ones
-   replayed as CUDA graphs. ``ratio``: over the faster of the two full caches. A batch holds copies of one
-   prefilled prompt (a decode step's cost does not depend on the tokens).
+   per-head allocation at Eff.Ctx 128 (windows 32/64/128/272 with sink 4, ``spread_128``) in both storage
+   layouts (``_padded``: every head at its layer's largest capacity; ``_flat``: the exact per-head
+   segments), the static ones replayed as CUDA graphs. ``ratio``: over the faster of the two full caches.
+   A batch holds copies of one prefilled prompt (a decode step's cost does not depend on the tokens).
 4. ``fixed_memory``: at the longest length, the largest batch whose KV fits in ``--memory-gib`` for each
    cache, and its tokens/s (``ratio`` over the faster full cache's at its own largest batch).
 5. ``attention``: one attention call (32 query / 32 KV heads, dim 80, bf16 on CUDA) at each length:
@@ -64,8 +66,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
     ap.add_argument("--memory-gib", type=float, default=64.0, help="KV memory for the fixed-memory section")
     ap.add_argument("--max-batch", type=int, default=2048)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["cuda_tests", "train", "decode", "fixed_memory",
-                                                              "attention"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["cuda_tests", "train", "profile", "decode",
+                                                              "fixed_memory", "attention"])
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
 
@@ -93,8 +95,9 @@ def allocations(model: torch.nn.Module) -> dict[str, Allocation]:
     window = torch.tensor([(32, 64, 128, 272)[i % 4] for i in range(n)])
     window[0] += n * (BUDGET - SINK) - int(window.sum())
     kw = dict(model_id=s.model_id, q_per_kv=s.q_per_kv)
+    spread = Allocation.from_tensors(torch.full(s.shape, SINK), window.view(s.shape), **kw)
     return {"B_streaming_128": Allocation.uniform(s.shape, SINK, BUDGET - SINK, **kw),
-            "spread_128": Allocation.from_tensors(torch.full(s.shape, SINK), window.view(s.shape), **kw)}
+            "spread_128_padded": spread, "spread_128_flat": spread}
 
 
 def free() -> None:
@@ -110,8 +113,9 @@ def decode(model, label: str, alloc, prompt: torch.Tensor, steps: int, batch: in
     device = prompt.device.type
     ids = prompt.view(1, -1)
     t = ids.shape[1]
+    layout = label.rsplit("_", 1)[-1] if label.endswith(("_flat", "_padded")) else "auto"
     door = (applied(model, None, evict=True) if label == "dynamic_full"
-            else applied(model, alloc, evict=True, static=t + steps + 4, backend="auto"))
+            else applied(model, alloc, evict=True, static=t + steps + 4, backend="auto", layout=layout))
     with door as cache:
         logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if batch > 1:
@@ -194,8 +198,10 @@ def attention_at(model, args, allocs, t: int) -> dict:
     row = {"causal_sdpa_ms": timed_ms(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), args.device)}
     for label, a in allocs.items():
+        if label.endswith("_flat"):
+            continue  # the same mask as _padded: storage is no matter here
         sink, window = (x[0] for x in a.tensors(args.device))
-        row[f"flex_{label}_ms"] = timed_ms(
+        row[f"flex_{label.removesuffix('_padded')}_ms"] = timed_ms(
             lambda sink=sink, window=window: flex.hard_attention(q, k, v, sink, window, None, None),
             args.device)
     return row
@@ -229,6 +235,32 @@ def train_section(args) -> dict:
         del model
         free()
     return out
+
+
+def profile_train(args, t: int, top: int = 15) -> dict:
+    """Where a KL training step's device time goes at T tokens: torch.profiler's top kernels by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from alloc.gates import WindowGates
+    from alloc.train import distill_loss
+
+    model = build(args, t)
+    blocks = torch.randint(0, model.config.vocab_size, (1, t), device=args.device)
+    gates = WindowGates(model_shape(model).shape, float(BUDGET), t, SINK).to(args.device)
+    distill_loss(model, gates, blocks, tau=2.0, backend="auto").backward()  # warm: compiled kernels, probe
+    sync(args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        distill_loss(model, gates, blocks, tau=2.0, backend="auto").backward()
+        sync(args.device)
+    key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    del model
+    free()
+    return {"tokens": t, "total_ms": total / 1e3, "top": [
+        {"name": e.key[:120], "ms": getattr(e, key, 0) / 1e3, "share": getattr(e, key, 0) / total,
+         "calls": e.count} for e in events[:top]]}
 
 
 def cuda_tests() -> dict:
@@ -268,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         print("cuda tests:", result["cuda_tests"]["summary"], flush=True)
     if "train" not in args.skip:
         save("train", train_section(args))
+    if "profile" not in args.skip:
+        save("train_profile", profile_train(args, min(args.train_lengths)))
     longest = max(args.lengths)
     model = build(args, longest + args.steps + 16)
     tokens = torch.randint(0, model.config.vocab_size, (longest,), device=args.device)

@@ -221,9 +221,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         if key.shape[1] == 1 and bias is not None and bias.shape[-3] > 1:  # a ragged layer's flat buffer
             return _flat_attention(query, key, value, bias, dropout, scaling, softcap), None
         if softcap is not None:
+            if bias is not None and bias.shape[-3] == query.shape[1] != key.shape[1]:  # per query head
+                bias = bias[..., :: query.shape[1] // key.shape[1], :, :]  # its KV head's rows
             return _gqa_attention(query, key, value, bias, None, dropout, scaling, softcap), None
         if bias is not None:
-            bias = bias.repeat_interleave(query.shape[1] // bias.shape[-3], dim=-3).to(query.dtype)
+            if bias.shape[-3] != query.shape[1]:
+                bias = bias.repeat_interleave(query.shape[1] // bias.shape[-3], dim=-3)
+            bias = bias.to(query.dtype)
             if bias.dim() == 4:  # per sequence (a padded batch): a padding query may see nothing, not NaN
                 bias = bias.clamp(min=torch.finfo(query.dtype).min)
             else:

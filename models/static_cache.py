@@ -49,64 +49,134 @@ class StaticError(HeadkvError):
     """A request the static cache does not serve (padding, a second prefill, a prompt beyond max_len)."""
 
 
+FLAT_FROM_BATCH = 64  # layout "auto": a ragged group decodes over the flat buffer from this batch on
+
+
+class _Rows:
+    """What the layers with one (sink, window, cap) row share: the layout, each slot's position, the device
+    position counter and, once per step, the write slots and the decode mask (computed at the group's first
+    layer, reused by the rest: a step costs a few kernels per group, not per layer)."""
+
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, capv: torch.Tensor, max_len: int,
+                 layout: str) -> None:
+        self.sink, self.window, self.capv = sink, window, capv  # (Hkv,) long, on the host
+        self.capacity = torch.clamp(sink + window, max=max_len)  # (Hkv,) slots a head holds
+        self.uniform = all(bool((x == x[0]).all()) for x in (sink, window, capv))
+        self.layout = layout
+        self.step = -1  # the host step (tokens seen) whose slots and mask are below
+        self.slot = self.bias = self.src = None
+
+    def initialize(self, batch: int, q_heads: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Lay the group out for ``batch`` sequences (the layout decided here) on ``device``."""
+        if getattr(self, "device", None) is not None:
+            return
+        if self.layout == "auto":
+            self.layout = "flat" if not self.uniform and batch >= FLAT_FROM_BATCH else "padded"
+        n = len(self.sink)
+        self.device, self.dtype, self.q_heads = device, dtype, q_heads
+        self.s, self.w = self.sink.to(device), self.window.to(device)
+        self.t = torch.zeros((), dtype=torch.long, device=device)  # the next token's position
+        if self.layout == "padded":  # (Hkv, C + 1): slot j of head h; C the largest capacity, C the trash
+            self.cols = int(self.capacity.max()) + 1
+            self.pos = torch.full((n, self.cols), -1, dtype=torch.long, device=device)
+            self.cap = self.capv.to(device).view(-1, 1)
+        else:  # (S + 1,): head h's segment at offset_h; S the trash
+            self.offsets = (torch.cumsum(self.capacity, 0) - self.capacity).to(device)
+            self.cols = int(self.capacity.sum()) + 1
+            self.pos = torch.full((self.cols,), -1, dtype=torch.long, device=device)
+            owner = torch.repeat_interleave(torch.arange(n), self.capacity)
+            self.cap = torch.cat([self.capv[owner], torch.zeros(1, dtype=torch.long)]).to(device)
+            r = q_heads // n
+            kv_of_query = torch.arange(q_heads).view(-1, 1) // r
+            mine = torch.cat([owner, torch.tensor([-1])]).view(1, -1) == kv_of_query
+            self.segment = torch.zeros(mine.shape).masked_fill_(~mine, float("-inf")).to(device)  # (Hq, S+1)
+
+    def shape(self, batch: int, head_dim: int) -> tuple[int, ...]:
+        return (batch, len(self.sink), self.cols, head_dim) if self.layout == "padded" else \
+            (batch, self.cols, head_dim)
+
+    def prefill(self, seen: int) -> torch.Tensor:
+        """After a ``seen``-token prefill: every slot's position (-1 empty); returns the source index into the
+        prompt of each slot ((Hkv, C+1) padded, (S+1,) flat into the (Hkv * T) flattened prompt)."""
+        n = len(self.sink)
+        if self.layout == "padded":
+            held = win.slot_positions(seen, self.s, self.w, self.cols - 1)  # (Hkv, C)
+            held = torch.cat([held, held.new_full((n, 1), -1)], 1)
+            self.pos.copy_(held)
+            src = held.clamp(min=0)
+        else:
+            local = win.slot_positions(seen, self.s, self.w, int(self.capacity.max()))  # (Hkv, Cmax)
+            cols = torch.arange(local.shape[1], device=self.device).view(1, -1)
+            inside = cols < self.capacity.to(self.device).view(-1, 1)
+            held = torch.cat([local[inside], local.new_full((1,), -1)])  # (S+1,), head-major = segments
+            heads = torch.arange(n, device=self.device).view(-1, 1).expand_as(local)[inside]
+            self.pos.copy_(held)
+            src = torch.cat([heads * seen + held[:-1].clamp(min=0), held.new_zeros(1)])
+        self.t.fill_(seen)
+        self.bias = None
+        return src
+
+    def advance(self, step: int) -> None:
+        """Once per decode step (the group's first layer): this token's slots, positions and mask."""
+        if self.step == step:
+            return
+        self.step = step
+        t = self.t
+        local = win.slot(t, self.s, self.w)  # (Hkv,)
+        if self.layout == "padded":
+            self.slot = local
+            self.pos.scatter_(1, local.view(-1, 1), t.expand(len(self.sink), 1))
+            seen = (self.pos >= 0) & (t - self.pos < self.cap)  # (Hkv, C+1)
+            bias = torch.zeros(seen.shape, device=self.device).masked_fill_(~seen, float("-inf"))
+            r = self.q_heads // len(self.sink)
+            self.bias = bias.repeat_interleave(r, 0).unsqueeze(1).to(self.dtype)  # (Hq, 1, C+1)
+        else:
+            self.slot = local + self.offsets
+            self.pos.index_copy_(0, self.slot, t.expand(len(self.sink)))
+            seen = (self.pos >= 0) & (t - self.pos < self.cap)  # (S+1,)
+            bias = self.segment.masked_fill(~seen, float("-inf"))  # (Hq, S+1)
+            self.bias = bias.unsqueeze(1).to(self.dtype)
+        t.add_(1)
+
+
 class StaticLayer(CacheLayerMixin):
-    """One layer's fixed-capacity storage (see the module docstring)."""
+    """One layer's fixed-capacity K and V (see the module docstring); its row group is shared."""
 
     is_sliding = False
     is_compileable = True
     is_croppable = False
 
-    def __init__(
-        self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None, max_len: int
-    ) -> None:
+    def __init__(self, rows: _Rows, max_len: int) -> None:
         super().__init__()
-        self.sink, self.window = sink.long().cpu(), window.long().cpu()  # (Hkv,)
-        n = len(self.sink)
-        cap = torch.zeros(n, dtype=torch.long) if cap is None else cap.cpu().long()
-        self.capv = torch.where(cap > 0, cap, _FAR)  # (Hkv,) native cap, "none" as a huge number
-        self.capacity = torch.clamp(self.sink + self.window, max=max_len)  # (Hkv,)
-        self.max_len = int(max_len)
-        self.uniform = bool((self.sink == self.sink[0]).all() and (self.window == self.window[0]).all()
-                            and (self.capv == self.capv[0]).all())
-        if self.uniform:  # every head: slots 0..C-1, trash C
-            self.offsets = torch.zeros(n, dtype=torch.long)
-            self.slots = int(self.capacity[0]) + 1
-        else:  # head h: slots offset_h .. offset_h + capacity_h - 1 of the flat buffer, trash S
-            self.offsets = torch.cumsum(self.capacity, 0) - self.capacity
-            self.slots = int(self.capacity.sum()) + 1
+        self.rows, self.max_len = rows, int(max_len)
         self.seen = 0  # tokens written (host side; a replayed graph's steps are counted by GraphDecoder)
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, q_heads: int = 0
+    ) -> None:
         b, h, _, d = key_states.shape
-        if h != len(self.sink):
-            raise StaticError(f"the allocation has {len(self.sink)} KV heads per layer, the model {h}")
-        dev, self.dtype, self.device = key_states.device, key_states.dtype, key_states.device
-        shape = (b, h, self.slots, d) if self.uniform else (b, self.slots, d)
-        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=dev)
-        self.values = torch.zeros(shape, dtype=value_states.dtype, device=dev)
-        self.pos = torch.full((self.slots,), -1, dtype=torch.long, device=dev)  # -1: empty
-        self.t = torch.zeros((), dtype=torch.long, device=dev)  # the next token's position, on the device
-        self.s, self.w = self.sink.to(dev), self.window.to(dev)
-        self.off = self.offsets.to(dev)
-        trash = self.slots - 1
-        self.trash = torch.tensor(trash, device=dev)
-        owner = torch.repeat_interleave(torch.arange(h), self.capacity)  # (S,) the KV head of each slot
-        cap_slot = self.capv[:1].expand(self.slots - 1) if self.uniform else self.capv[owner]
-        self.slot_cap = torch.cat([cap_slot, torch.zeros(1, dtype=torch.long)]).to(dev)  # trash: never seen
-        self.owner = None if self.uniform else torch.cat([owner, torch.tensor([-1])]).to(dev)
+        if h != len(self.rows.sink):
+            raise StaticError(f"the allocation has {len(self.rows.sink)} KV heads per layer, the model {h}")
+        self.rows.initialize(b, q_heads or h, key_states.device, key_states.dtype)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        shape = self.rows.shape(b, d)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=self.device)
         self.is_initialized = True
-
-    def _slot(self, p: torch.Tensor) -> torch.Tensor:
-        """Storage index of position(s) ``p`` (..., 1) for every head (..., Hkv): :func:`models.window.slot`
-        within the head's segment."""
-        return win.slot(p, self.s, self.w) + self.off
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        q_len = key_states.shape[2]
+            self.lazy_initialization(key_states, value_states, kwargs.get("q_heads", 0))
+        q_len, rows = key_states.shape[2], self.rows
         if q_len == 1 and self.seen > 0:
-            self._write_one(key_states, value_states)
+            rows.advance(self.seen)
+            if rows.layout == "padded":
+                index = rows.slot.view(1, -1, 1, 1).expand(key_states.shape[0], -1, 1, key_states.shape[-1])
+                self.keys.scatter_(2, index, key_states)
+                self.values.scatter_(2, index, value_states)
+            else:
+                self.keys.index_copy_(1, rows.slot, key_states[:, :, 0])
+                self.values.index_copy_(1, rows.slot, value_states[:, :, 0])
             self.seen += 1
             return self._held()
         if self.seen:
@@ -114,62 +184,47 @@ class StaticLayer(CacheLayerMixin):
                               "evicting cache (static off) for chunked prompts")
         if q_len > self.max_len:
             raise StaticError(f"a prompt of {q_len} tokens exceeds the static cache's max_len {self.max_len}")
-        self._write_prefill(key_states, value_states)
+        if rows.src is None:  # the group's first layer
+            rows.src = rows.prefill(q_len)
+        self._write_prefill(key_states, value_states, rows.src)
         self.seen = q_len
         if q_len == 1:  # a one-token prompt: attended like a decode step
             return self._held()
         return key_states, value_states  # the prefill's queries attend over its own keys (masked)
 
+    def _write_prefill(self, key_states: torch.Tensor, value_states: torch.Tensor, src: torch.Tensor) -> None:
+        b, d = key_states.shape[0], key_states.shape[-1]
+        if self.rows.layout == "padded":
+            index = src.view(1, *src.shape, 1).expand(b, -1, -1, d)  # (B, Hkv, C+1, D)
+            self.keys.copy_(key_states.gather(2, index))
+            self.values.copy_(value_states.gather(2, index))
+        else:
+            self.keys.copy_(key_states.flatten(1, 2).index_select(1, src))
+            self.values.copy_(value_states.flatten(1, 2).index_select(1, src))
+
     def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What a decode step attends over: (B, Hkv, C + 1, D), or the flat buffer as one head."""
-        if self.uniform:
+        if self.rows.layout == "padded":
             return self.keys, self.values
         return self.keys.unsqueeze(1), self.values.unsqueeze(1)
 
-    def _write_one(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        slot = self._slot(self.t.view(1))  # (Hkv,)
-        if self.uniform:
-            self.keys.index_copy_(2, slot[:1], key_states)
-            self.values.index_copy_(2, slot[:1], value_states)
-            self.pos.index_copy_(0, slot[:1], self.t.view(1))
-        else:
-            self.keys.index_copy_(1, slot, key_states[:, :, 0])
-            self.values.index_copy_(1, slot, value_states[:, :, 0])
-            self.pos.index_copy_(0, slot, self.t.expand(len(slot)))
-        self.t.add_(1)
-
-    def _write_prefill(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        t = key_states.shape[2]
-        p = torch.arange(t, device=self.device)
-        held = win.keep(p, t, self.s, self.w, self.slot_cap[self.off])  # (Hkv, T): what the next query sees
-        slot = torch.where(held, self._slot(p.view(-1, 1)).T, self.trash)  # (Hkv, T)
-        if self.uniform:
-            self.keys.index_copy_(2, slot[0], key_states)
-            self.values.index_copy_(2, slot[0], value_states)
-            self.pos.index_copy_(0, slot[0], p)
-        else:
-            flat = slot.reshape(-1)
-            self.keys.index_copy_(1, flat, key_states.flatten(1, 2))
-            self.values.index_copy_(1, flat, value_states.flatten(1, 2))
-            self.pos.index_copy_(0, flat, p.repeat(len(self.sink)))
-        self.pos[-1] = -1
-        self.t.fill_(t)
-
     def decode_bias(self, q_heads: int) -> torch.Tensor:
-        """The mask of one query after its own write, from device state only: ((1 | q_heads), 1, slots),
-        0 where a slot holds a key this query sees (written, within the native cap), -inf elsewhere; over the
-        flat buffer also -inf outside each query head's KV head's segment."""
-        q = self.t - 1
-        seen = (self.pos >= 0) & (q - self.pos < self.slot_cap)  # (slots,)
-        bias = torch.zeros(self.slots, device=self.device).masked_fill_(~seen, float("-inf"))
-        if self.uniform:
-            return bias.view(1, 1, -1)
-        r = q_heads // len(self.sink)
-        mine = self.owner.view(1, -1) == torch.arange(q_heads, device=self.device).view(-1, 1) // r
-        return bias.masked_fill(~mine, float("-inf")).unsqueeze(1)  # (Hq, 1, S)
+        """The mask of this step's query: (Hq, 1, slots) in the model's dtype, 0 where a slot holds a key it
+        sees (written, within the native cap), -inf elsewhere (over the flat buffer: also outside its KV
+        head's segment). Built once per step for the whole row group."""
+        rows = self.rows
+        if rows.bias is None:  # a one-token prompt: the mask of its only key
+            seen = rows.pos >= 0
+            bias = torch.zeros(seen.shape, device=self.device).masked_fill_(~seen, float("-inf"))
+            if rows.layout == "padded":
+                bias = bias.repeat_interleave(q_heads // len(rows.sink), 0).unsqueeze(1)
+            else:
+                bias = (rows.segment + bias).unsqueeze(1)
+            return bias.to(self.dtype)
+        return rows.bias
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.slots + query_length, 0
+        return getattr(self.rows, "cols", 0) + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -178,9 +233,7 @@ class StaticLayer(CacheLayerMixin):
         return self.max_len
 
     def reset(self) -> None:
-        if self.is_initialized:
-            self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.t.zero_()
-        self.seen = 0
+        raise NotImplementedError("a static cache is laid out for one prompt: make a new one")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("evicted tokens cannot be restored: the static cache does not support crop")
@@ -198,20 +251,36 @@ class StaticLayer(CacheLayerMixin):
 
 class StaticHeadCache(Cache):
     """transformers ``Cache`` of :class:`StaticLayer` s, one per layer (made by ``alloc.allocation.applied``
-    with ``static=max_len``)."""
+    with ``static=max_len``). ``layout``: "auto" (per-head tensors padded to the layer's largest head for
+    uniform rows and for ragged rows below ``FLAT_FROM_BATCH`` sequences, the exact flat buffer from there
+    on), "padded" or "flat"."""
 
     evicting = True  # its keys are not transformers' contiguous cache: the attention patch bypasses its mask
+    reindex = False
 
     def __init__(
-        self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None, max_len: int
+        self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None, max_len: int,
+        q_heads: int, layout: str = "auto",
     ) -> None:
         if max_len < 1:
             raise StaticError(f"max_len must be >= 1, got {max_len}")
-        caps = [None if cap is None else cap[i] for i in range(sink.shape[0])]
-        super().__init__(layers=[StaticLayer(sink[i], window[i], caps[i], max_len)
-                                 for i in range(sink.shape[0])])
+        if layout not in ("auto", "padded", "flat"):
+            raise StaticError(f"layout must be auto, padded or flat, got {layout!r}")
+        sink, window = sink.long().cpu(), window.long().cpu()
+        capv = torch.zeros_like(sink) if cap is None else cap.long().cpu()
+        capv = torch.where(capv > 0, capv, _FAR)
+        groups: dict[tuple, _Rows] = {}
+        layers = []
+        for i in range(sink.shape[0]):
+            key = (tuple(sink[i].tolist()), tuple(window[i].tolist()), tuple(capv[i].tolist()))
+            if key not in groups:
+                groups[key] = _Rows(sink[i], window[i], capv[i], max_len, layout)
+            layers.append(StaticLayer(groups[key], max_len))
+        super().__init__(layers=layers)
         self.max_len = int(max_len)
         self.prefix = False  # this forward is a prefill: its keys are a full prefix (flex may serve it)
+        self.q_heads = int(q_heads)
+        self.groups = list(groups.values())
 
     def note_padding(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
         """Called by the attention mask hook once per forward; a padded batch is refused (not graph-safe)."""
@@ -224,7 +293,7 @@ class StaticHeadCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and not is_active_source(self):
             raise RuntimeError("StaticHeadCache must be used inside applied(model, allocation, static=...)")
-        return self.layers[layer_idx].update(key_states, value_states)
+        return self.layers[layer_idx].update(key_states, value_states, q_heads=self.q_heads)
 
     def positions(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of a prefill's queries and keys: 0..T-1 both (the decode step uses decode_bias)."""
@@ -236,8 +305,9 @@ class StaticHeadCache(Cache):
 
     def decode_bias(self, layer: int, k_len: int, q_heads: int = 0) -> torch.Tensor:
         held = self.layers[layer]
-        if k_len != held.slots:
-            raise RuntimeError(f"layer {layer}: attention got {k_len} keys, the static cache {held.slots}")
+        if k_len != held.rows.cols:
+            raise RuntimeError(f"layer {layer}: attention got {k_len} keys, the static cache holds "
+                               f"{held.rows.cols}")
         return held.decode_bias(q_heads)
 
     def advance(self, steps: int) -> None:
@@ -246,7 +316,7 @@ class StaticHeadCache(Cache):
             layer.seen += steps
 
     def bytes_allocated(self) -> int:
-        """Bytes of the K and V tensors (all layers, the whole batch), the trash slot included."""
+        """Bytes of the K and V tensors (all layers, the whole batch), trash slots and padding included."""
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
 
 
@@ -296,16 +366,23 @@ class GraphDecoder:
 
     def _capture(self) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
+        # capture runs a step's Python (host counters, the groups' memo) but no kernel: restore the former
+        seen = [layer.seen for layer in self.cache.layers]
+        steps = [rows.step for rows in self.cache.groups]
         try:
             with torch.cuda.graph(graph):
                 self._logits = self._forward(self._ids, self._pos)  # recorded, not run
         except Exception as err:  # noqa: BLE001 - anything capture refuses: decode eagerly
             log.warning("CUDA graph capture failed (%s): decoding eagerly", str(err).splitlines()[0][:160])
             self.failed = True
+            graph = None
+        for layer, n in zip(self.cache.layers, seen, strict=True):
+            layer.seen = n
+        for rows, n in zip(self.cache.groups, steps, strict=True):
+            rows.step = n
+        if graph is None:
             torch.cuda.synchronize()
-            n = self.cache.get_seq_length()
-            return self._forward(self._ids, torch.full_like(self._ids, n))
-        self.cache.advance(-1)  # capture ran the Python side of a step (host counters) but no kernel
+            return self._forward(self._ids, self._pos)
         self.graph, self.graphed = graph, True
         self.graph.replay()
         self.cache.advance(1)

@@ -233,6 +233,20 @@ def slot(p: torch.Tensor | int, sink: torch.Tensor | int, window: torch.Tensor |
     return torch.where(sink > p, p, sink + (p - sink) % window)
 
 
+def slot_positions(seen: int, sink: torch.Tensor, window: torch.Tensor, slots: int) -> torch.Tensor:
+    """The inverse of :func:`slot`: the position each of a head's first ``slots`` storage slots holds once
+    ``seen`` tokens were written (each key at its ``slot``, later keys overwriting earlier ones), -1 where a
+    slot is empty or beyond the head's ``sink + window``. sink, window: (H,); returns (H, slots). Every
+    position :func:`keep` holds appears once, in its slot (sinks past a native cap are still listed: a
+    cache masks them by distance)."""
+    j = torch.arange(slots, device=sink.device).view(1, -1)  # (1, C)
+    s, w = sink.view(-1, 1), window.view(-1, 1)
+    last = seen - 1
+    ring = last - torch.remainder(last - j, w.clamp(min=1))  # the latest p <= last with slot(p) == j
+    p = torch.where(j < s, j, torch.where(ring >= s, ring, -1))
+    return torch.where((j < s + w) & (p <= last), p, -1)
+
+
 def positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
     """Positions (B, T) of a padded batch's tokens: a real token's position is its index among its own
     sequence's real tokens, counted from ``start`` (B,) tokens already seen -- what transformers' ``generate``

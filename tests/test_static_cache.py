@@ -32,10 +32,10 @@ def masked_logits(model, alloc, ids):
         return model(ids).logits
 
 
-def static_logits(model, alloc, ids, prompt: int, max_len: int, graph: bool = False):
+def static_logits(model, alloc, ids, prompt: int, max_len: int, graph: bool = False, layout: str = "auto"):
     """Logits of every position from `prompt` on: one prefill, then one token per step."""
     out = []
-    with torch.no_grad(), applied(model, alloc, evict=True, static=max_len) as cache:
+    with torch.no_grad(), applied(model, alloc, evict=True, static=max_len, layout=layout) as cache:
         out.append(model(ids[:, :prompt], cache=cache, use_cache=True).logits)
         dec = GraphDecoder(model, cache) if graph else None
         for t in range(prompt, ids.shape[1]):
@@ -51,26 +51,33 @@ def static_logits(model, alloc, ids, prompt: int, max_len: int, graph: bool = Fa
 @pytest.mark.parametrize("arch", ["neox", "llama"])
 @pytest.mark.parametrize("kind", ["varied", "streaming", "full"])
 @pytest.mark.parametrize("prompt", [1, 9])
-def test_static_decode_equals_masked_forward(arch, kind, prompt):
+@pytest.mark.parametrize("layout", ["padded", "flat"])
+def test_static_decode_equals_masked_forward(arch, kind, prompt, layout):
     model = tiny_model(arch)
     s = model_shape(model)
     alloc = {"varied": varied(model), "full": None,
              "streaming": Allocation.uniform(s.shape, 2, 5, model_id=s.model_id, q_per_kv=s.q_per_kv)}[kind]
     ids = torch.randint(0, 97, (3, 30), generator=torch.Generator().manual_seed(2))  # a batch of 3
     want = masked_logits(model, alloc, ids)
-    got, _ = static_logits(model, alloc, ids, prompt, max_len=40)
+    got, _ = static_logits(model, alloc, ids, prompt, max_len=40, layout=layout)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_static_bytes_are_the_allocations():
+@pytest.mark.parametrize("layout", ["padded", "flat"])
+def test_static_bytes_are_the_allocations(layout):
+    """Flat: exactly the allocation's slots plus one trash slot per layer; padded: every head of a layer
+    at the layer's largest capacity, plus one trash slot per head."""
     model = tiny_model("llama")
     alloc = varied(model)
     ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(3))
-    _, held = static_logits(model, alloc, ids, 5, max_len=40)
+    _, held = static_logits(model, alloc, ids, 5, max_len=40, layout=layout)
     s = model_shape(model)
-    slots = int(torch.clamp(torch.tensor(alloc.sink) + torch.tensor(alloc.window), max=40).sum())
-    trash = sum(1 for row in alloc.sink)  # one trash slot per layer (ragged: one per layer)
-    assert held == 2 * 2 * (slots + trash) * s.head_dim * 4  # batch 2, K and V, float32
+    capacity = torch.clamp(torch.tensor(alloc.sink) + torch.tensor(alloc.window), max=40)  # (L, Hkv)
+    if layout == "flat":
+        slots = int(capacity.sum()) + s.n_layers
+    else:
+        slots = int(((capacity.max(1).values + 1) * s.n_kv_heads).sum())
+    assert held == 2 * 2 * slots * s.head_dim * 4  # batch 2, K and V, float32
 
 
 def test_static_decode_on_native_sliding_layers_equals_masked_forward():
@@ -78,8 +85,9 @@ def test_static_decode_on_native_sliding_layers_equals_masked_forward():
     alloc = mixed(model)
     ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(4))
     want = masked_logits(model, alloc, ids)
-    got, _ = static_logits(model, alloc, ids, 6, max_len=48)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for layout in ("padded", "flat"):
+        got, _ = static_logits(model, alloc, ids, 6, max_len=48, layout=layout)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_static_cache_refuses_what_it_does_not_serve():
@@ -98,11 +106,11 @@ def test_static_cache_refuses_what_it_does_not_serve():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", ["varied", "full"])
-def test_graph_replay_equals_eager_cuda(kind):
+@pytest.mark.parametrize("kind, layout", [("varied", "padded"), ("varied", "flat"), ("full", "auto")])
+def test_graph_replay_equals_eager_cuda(kind, layout):
     model = tiny_model("llama").cuda()
     alloc = varied(model) if kind == "varied" else None
     ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(5)).cuda()
-    want, _ = static_logits(model, alloc, ids, 9, max_len=40)
-    got, _ = static_logits(model, alloc, ids, 9, max_len=40, graph=True)
+    want, _ = static_logits(model, alloc, ids, 9, max_len=40, layout=layout)
+    got, _ = static_logits(model, alloc, ids, 9, max_len=40, graph=True, layout=layout)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -84,3 +84,22 @@ def test_soft_bias_by_distance_equals_the_elementwise_reference():
     w = torch.full((2,), 9.0)
     assert torch.equal(win.soft_bias(shifted, shifted, torch.tensor([4, 4]), w, 1.0),
                        win._soft_bias_dense(shifted, shifted, torch.tensor([4, 4]), w, 1.0))
+
+
+def test_slot_positions_invert_slot_for_every_kept_key():
+    """Each kept position sits in its slot, each slot holds a kept position or nothing (-1)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        h = 3
+        sink = torch.randint(0, 5, (h,), generator=g)
+        window = torch.randint(1, 9, (h,), generator=g)
+        seen = int(torch.randint(0, 30, (1,), generator=g))
+        slots = int((sink + window).max()) + 2
+        got = win.slot_positions(seen, sink, window, slots)  # (H, C)
+        p = torch.arange(seen)
+        held = win.keep(p, seen, sink, window)  # (H, T)
+        for head in range(h):
+            want = torch.full((slots,), -1)
+            for pos in p[held[head]].tolist():
+                want[win.slot(pos, int(sink[head]), int(window[head]))] = pos
+            assert torch.equal(got[head], want), (seen, sink[head], window[head])
