@@ -341,6 +341,21 @@ class _WindowGrad(torch.autograd.Function):
         return grad, gw, None, None, None, None, None
 
 
+BAND_TAUS = 40  # a linear soft window skips keys beyond w + BAND_TAUS * tau: their weight is < e^-40 x
+
+
+def _reach(window_float: torch.Tensor, tau: float | torch.Tensor, kind: str, k_len: int) -> torch.Tensor:
+    """The hard window (Hkv,) of a soft window's block mask: under the linear edge a key ``BAND_TAUS * tau``
+    past ``w`` carries a gate below ``-BAND_TAUS`` (weight and window gradient below ``e^-40`` of an inside
+    key's), so the tiles beyond it are skipped, rounded up to whole tiles so that a slowly moving window
+    reuses its mask; the log edge decays by a power of the distance: every causal key."""
+    if kind != "linear":
+        return torch.full(window_float.shape, _NO_CAP)
+    reach = torch.ceil(window_float.detach().float().cpu() + 0.5 + BAND_TAUS * float(tau)).long()
+    reach = -(-reach // BLOCK) * BLOCK
+    return torch.where(reach >= k_len, _NO_CAP, reach.clamp(min=1))
+
+
 def soft_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -359,7 +374,7 @@ def soft_attention(
     non-sink keys (0 on sink keys; ``edge`` is :func:`models.window.edge` of that ``kind``),
     ``w = window_float[kv head]`` (Hkv,) float; the causal limit and ``cap`` are the hard block mask.
     ``tau`` may be a float or a 0-d tensor (a tensor either way inside, so annealing it does not recompile).
-    Shapes as :func:`hard_attention`.
+    Shapes as :func:`hard_attention`. Keys far beyond a linear soft window are skipped (:func:`_reach`).
 
     The window is captured detached (flex's backward never differentiates a captured tensor: that path
     failed to compile on CUDA); its gradient comes from :class:`_WindowGrad` (a second flex forward), and
@@ -376,7 +391,7 @@ def soft_attention(
     n_kv = key.shape[1]
     r = query.shape[1] // n_kv
     dev = query.device
-    mask = block_mask(torch.zeros(n_kv, dtype=torch.long), torch.full((n_kv,), _NO_CAP), cap,
+    mask = block_mask(sink.detach().cpu().long(), _reach(window_float, tau, kind, key.shape[2]), cap,
                       query.shape[2], key.shape[2], query.shape[1], dev)
     w = window_float.detach().to(dev)
     s = sink.to(dev, torch.long)

@@ -220,3 +220,13 @@ def test_soft_gradient_matches_soft_bias_cuda():
         grads.append([w.grad, qq.grad, kk.grad, vv.grad])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_a_linear_soft_window_skips_tiles_far_past_its_edge():
+    """The block mask of a linear soft window stops BAND_TAUS x tau past w (whole tiles); the log edge and a
+    reach beyond the keys see every causal key."""
+    reach = flex._reach(torch.tensor([3.3, 200.0, 4000.0]), 0.5, "linear", 4096)
+    assert reach.tolist() == [flex.BLOCK, 2 * flex.BLOCK, flex._NO_CAP]
+    assert flex._reach(torch.tensor([3.3]), 0.5, "log", 4096).tolist() == [flex._NO_CAP]
+    partial, full = flex.tiles(torch.tensor([0]), reach[:1], None, 4096, 4096)
+    assert int((partial | full).sum()) < 3 * 4096 // flex.BLOCK  # a band, not the causal triangle
