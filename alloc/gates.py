@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from alloc.allocation import Allocation
-from models import window as win
-from models.common import HeadkvError
+from headkv.alloc.allocation import Allocation
+from headkv.models import window as win
+from headkv.models.common import HeadkvError
 
 
 class GateError(HeadkvError):

@@ -50,14 +50,14 @@ from typing import Any, Callable
 
 import torch
 
-from alloc.allocation import Allocation
-from alloc.config import ConfigError, SearchConfig, TrainConfig, TrainError, check_output, load
-from alloc.evaluate import blocks_for, evaluate, paired_log_ppl_diff
-from alloc.gates import GateError, check_budget
-from alloc.results import model_identity, read_search, tokens_digest, versions
-from alloc.train import RESUME_KEYS, TrainBlocks, check_resume, fit, load_checkpoint_meta
-from models.common import HeadkvError, atomic_write
-from models.loading import load_model
+from headkv.alloc.allocation import Allocation
+from headkv.alloc.config import ConfigError, SearchConfig, TrainConfig, TrainError, check_output, load
+from headkv.alloc.evaluate import blocks_for, evaluate, paired_log_ppl_diff
+from headkv.alloc.gates import GateError, check_budget
+from headkv.alloc.results import model_identity, read_search, tokens_digest, versions
+from headkv.alloc.train import RESUME_KEYS, TrainBlocks, check_resume, fit, load_checkpoint_meta
+from headkv.models.common import HeadkvError, atomic_write
+from headkv.models.loading import load_model
 
 DEFAULT_TRAIN_CONFIG = "configs/train.yaml"
 # the search's options that change a number (the probes' train config is compared too, key by key)
@@ -318,7 +318,7 @@ def _line(row: dict[str, Any], target: float, how: str) -> str:
 
 
 def _figure(state: dict[str, Any], out_dir: Path) -> Path:
-    from alloc.plots import search_figure
+    from headkv.alloc.plots import search_figure
 
     return search_figure(state, out_dir / "search.png")
 

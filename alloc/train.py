@@ -35,12 +35,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from alloc.allocation import Allocation
-from alloc.config import OBJECTIVES, TrainConfig, TrainError
-from alloc.gates import WindowGates
-from models import scoring
-from models.attention import is_clean, windowed
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation
+from headkv.alloc.config import OBJECTIVES, TrainConfig, TrainError
+from headkv.alloc.gates import WindowGates
+from headkv.models import scoring
+from headkv.models.attention import is_clean, windowed
+from headkv.models.loading import model_shape
 
 log = logging.getLogger(__name__)
 CKPT_KEY = "headkv"
@@ -156,7 +156,7 @@ class TrainBlocks(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        from models.corpus import token_blocks
+        from headkv.models.text import token_blocks
 
         cfg = self.cfg
         n_train = cfg.n_blocks or cfg.max_steps * cfg.batch_size * self.world_size
@@ -177,8 +177,8 @@ class TrainBlocks(L.LightningDataModule):
         self.train = train[order]
         n_passkey = round(cfg.passkey_mix * len(train))
         if n_passkey:  # spread evenly over the run, in place of text blocks
-            from alloc.passkey import training_blocks
-            from models.corpus import tokenized_split
+            from headkv.alloc.passkey import training_blocks
+            from headkv.models.text import tokenized_split
 
             stream = tokenized_split(self.tokenizer, cfg.corpus, "train", encoding=cfg.encoding).ids
             at = [int((i + 0.5) * len(train) / n_passkey) for i in range(n_passkey)]
@@ -284,7 +284,7 @@ class GateModule(L.LightningModule):
         """Export at the budget and score the held-out TRAIN-split blocks with the one evaluator."""
         if self.val_blocks is None or not len(self.val_blocks) or not self.trainer.is_global_zero:
             return
-        from alloc.evaluate import evaluate
+        from headkv.alloc.evaluate import evaluate
 
         alloc = self.export()
         res = evaluate(self.lm, alloc, self.val_blocks)
@@ -298,7 +298,7 @@ class GateModule(L.LightningModule):
 
 def load_init(path: str | Path, shape: Any) -> Allocation:
     """The allocation a run warm-starts from, checked against the model: one TrainError line otherwise."""
-    from alloc.allocation import AllocationError
+    from headkv.alloc.allocation import AllocationError
 
     try:
         alloc = Allocation.load(path)
@@ -331,7 +331,7 @@ def new_run_id(budget: float) -> str:
 
 
 def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: int) -> Path:
-    from alloc.plots import window_heatmap
+    from headkv.alloc.plots import window_heatmap
 
     path = window_heatmap(
         alloc, Path(root) / "heatmap.png", f"{alloc.name} step {step}: Eff.Ctx {alloc.eff_ctx():.2f}"

@@ -42,8 +42,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models import window as win
-from models.common import HeadkvError
+from headkv.models import window as win
+from headkv.models.common import HeadkvError
 
 IMPLEMENTATION = "headkv"
 
@@ -289,14 +289,14 @@ def _block_sparse(state: _State, query: torch.Tensor) -> bool:
             return False  # learned (soft) sinks: the dense soft bias only
         if window.requires_grad and torch.is_grad_enabled() and query.device.type != "cuda":
             return False  # FlexAttention has no backward on CPU: the dense soft bias trains there
-    from models import flex
+    from headkv.models import flex
 
     return flex.available(query.device, query.shape[-1], query.dtype)
 
 
 def _flex_attention(state: _State, layer: int, query, key, value, scaling, softcap) -> torch.Tensor:
     """The allocation's keys (and the native cap) as a FlexAttention block mask (:mod:`models.flex`)."""
-    from models import flex
+    from headkv.models import flex
 
     masks = state.masks
     cap = None if getattr(masks, "cap", None) is None else masks.cap[layer]

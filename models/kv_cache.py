@@ -67,9 +67,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from models import window as win
-from models.attention import is_active_source
-from models.common import HeadkvError
+from headkv.models import window as win
+from headkv.models.attention import is_active_source
+from headkv.models.common import HeadkvError
 
 __all__ = ["DeployError", "HeadLayer", "PerHeadCache", "kv_bytes_of"]
 

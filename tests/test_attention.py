@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alloc.allocation import Allocation, AllocationError, applied
-from models.attention import is_clean
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, AllocationError, applied
+from headkv.models.attention import is_clean
+from headkv.models.loading import model_shape
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -92,7 +92,7 @@ def test_allocation_for_another_model_is_refused(tiny):
 
 
 def test_attention_maps_match_eager_attention(tiny):
-    from models.attention import attention_maps
+    from headkv.models.attention import attention_maps
 
     x = torch.randint(0, VOCAB, (1, 24))
     maps = attention_maps(tiny, x)
