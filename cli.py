@@ -7,7 +7,7 @@
 | classify | classify.sensitivity.classify_model               | head profile JSON                             |
 | sweep    | alloc.sweep.run_sweep                             | JSON lines, one per configuration (resumable) |
 | plot     | alloc.plots.plot_results                          | PNG figures (sweep, passkey or search file)   |
-| train    | alloc.train.fit                                   | run dir: checkpoint, allocation.json, heatmap |
+| train    | alloc.runs.open_run, alloc.train.fit              | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
 | quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
 | generate | alloc.generate.generate_rows                      | text + KV bytes held, or JSON lines per prompt |
@@ -26,7 +26,6 @@ import sys
 import time
 import typing
 from dataclasses import fields
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -299,42 +298,29 @@ def plot(cfg: PlotConfig) -> None:
 def _train_load(cls: type, config: Optional[str], given: dict[str, Any], run: Callable[..., None],
                 out_dir: Optional[str] = typer.Option(None, help="Run directory (default runs/<run id>)."),
                 resume: Optional[str] = typer.Option(None, help="Continue a run: its directory or a checkpoint file.")) -> None:
-    """Train options come from TrainConfig (alloc/train.py); a resumed run starts from its saved config."""
-    from headkv.alloc.train import check_resume, load_checkpoint_meta, resume_run_dir
+    """Train options come from TrainConfig (alloc/config.py); a resumed run starts from its saved config."""
+    from headkv.alloc.runs import load_checkpoint_meta
 
-    meta = load_checkpoint_meta(resume)[0] if resume is not None else None
-    cfg = load(TrainConfig, config, given, base=meta["config"] if meta else None)
-    if meta is not None:
-        check_resume(meta["config"], cfg, meta["path"])
-        out_dir = str(resume_run_dir(meta))
-    run(cfg, out_dir=out_dir, meta=meta)
+    base = load_checkpoint_meta(resume)[0]["config"] if resume is not None else None
+    run(load(TrainConfig, config, given, base=base), out_dir=out_dir, resume=resume)
 
 
 @command(TrainConfig, extra=_train_load)
-def train(cfg: TrainConfig, out_dir: Optional[str] = None, meta: Optional[dict] = None) -> None:
+def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: Optional[str] = None) -> None:
     """Learn per-head windows under an average-context budget; write a run directory with the checkpoint,
     the exported allocation.json and a window heatmap."""
-    from headkv.alloc.train import TrainError, check_same_model, fit, new_run_id
+    from headkv.alloc.runs import open_run
+    from headkv.alloc.train import fit
     from headkv.models.loading import load_model, model_shape
 
-    if meta is not None:
-        run_id = meta["run_id"]
-    elif "LOCAL_RANK" in os.environ and os.environ.get("HEADKV_RUN_ID"):  # a DDP child: the parent's run
-        run_id = os.environ["HEADKV_RUN_ID"]
-    else:
-        os.environ.pop("HEADKV_RUN_ID", None)
-        run_id = new_run_id(cfg.budget)
-    run_dir = Path(out_dir or Path("runs") / run_id)
-    if meta is None and ((run_dir / "allocation.json").exists() or (run_dir / "checkpoints").exists()):
-        raise TrainError(f"{run_dir} already holds a run: pass --resume {run_dir} or another --out-dir")
+    run = open_run(cfg, out_dir, resume)  # the one resume scheme (alloc/runs.py), before anything is written
+    run_dir, run_id = run.dir, run.run_id
     check_output(run_dir, directory=True)
     lm, tok = load_model(cfg.model, dtype=cfg.torch_dtype)
     if cfg.seq_len > model_shape(lm).max_positions:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's {model_shape(lm).max_positions} positions")
-    if meta is not None:
-        check_same_model(meta, model_shape(lm))
     _RESUME["hint"] = f"checkpoints are kept in {run_dir / 'checkpoints'}; resume with --resume {run_dir}"
-    alloc = fit(lm, tok, cfg, run_dir, run_id, resume=meta["path"] if meta else None)
+    alloc = fit(lm, tok, cfg, run_dir, run_id, resume=run.checkpoint)
     if alloc is None:  # a DDP worker: the main process reports
         return
     _, w = alloc.tensors()

@@ -43,8 +43,8 @@ def test_rooms_import_only_what_lies_below_them(room, above):
 
 
 def test_the_package_is_headkv_and_nothing_imports_a_bare_room():
-    """Installed, the rooms are headkv.models, headkv.alloc, headkv.classify and headkv.cli: no code (tests and
-    bench scripts included) imports them by a top-level name that would squat on ``models`` or ``cli``."""
+    """Installed, the rooms are headkv.models, headkv.alloc, headkv.classify and headkv.cli: no code (tests
+    and bench scripts included) imports them by a top-level name that would squat on ``models`` or ``cli``."""
     for path in _sources():
         bad = {m for m in _imports(path) if m.split(".")[0] in ("models", "alloc", "classify", "cli")}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
@@ -91,7 +91,7 @@ CONFIGS = {"evaluate": "EvaluateConfig", "classify": "ClassifyConfig", "ablation
 
 def test_every_config_file_loads_through_its_commands_dataclass():
     import headkv.alloc.config as config
-    from headkv.alloc.train import TrainConfig
+    from headkv.alloc.config import TrainConfig
 
     assert {p.stem for p in (ROOT / "configs").glob("*.yaml")} == set(CONFIGS)
     for name, cls in CONFIGS.items():

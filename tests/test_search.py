@@ -15,8 +15,8 @@ import torch
 import headkv.alloc.search as search
 from headkv.alloc.allocation import Allocation
 from headkv.alloc.config import SearchConfig, load
+from headkv.alloc.runs import load_checkpoint_meta
 from headkv.alloc.search import SearchError, nearest, next_budget, prepare, run_search, summary
-from headkv.alloc.train import load_checkpoint_meta
 from headkv.models.loading import load_model, model_shape
 from tests.test_passkey import cli_run, make_tiny_dir
 

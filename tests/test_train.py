@@ -18,18 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from headkv import cli
 from headkv.alloc.allocation import Allocation
-from headkv.alloc.train import (
-    RESUME_KEYS,
-    TrainConfig,
-    TrainError,
-    check_resume,
-    export_checkpoint,
-    fit,
-    load_checkpoint_meta,
-    lr_factor,
-    resume_run_dir,
-    tau_at,
-)
+from headkv.alloc.config import TrainConfig, TrainError
+from headkv.alloc.runs import RESUME_KEYS, check_resume, load_checkpoint_meta, resume_run_dir
+from headkv.alloc.train import export_checkpoint, fit, lr_factor, tau_at
 from headkv.models.common import HeadkvError
 from headkv.models.loading import load_model
 from headkv.models.text import load_documents
