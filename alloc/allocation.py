@@ -28,10 +28,12 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from headkv.models import window as win
-from headkv.models.attention import FullCache, HardMask, check_family, windowed
+from headkv.models.attention import FullCache, windowed
 from headkv.models.common import HeadkvError, atomic_write
+from headkv.models.families import check_family
 from headkv.models.kv_cache import PerHeadCache
 from headkv.models.loading import ModelShape, model_shape
+from headkv.models.masks import HardMask
 
 FORMAT_VERSION = 1
 

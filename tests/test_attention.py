@@ -106,3 +106,14 @@ def test_attention_maps_match_eager_attention(tiny):
     for m, r in zip(maps, ref, strict=True):
         torch.testing.assert_close(m, r, atol=1e-5, rtol=1e-4)
     assert is_clean(tiny)
+
+
+def test_both_caches_implement_the_cache_attention_contract():
+    """The patch reads a cache only through PositionSource; FullCache and the evicting cache implement it."""
+    from headkv.models.attention import FullCache, PositionSource
+    from headkv.models.kv_cache import PerHeadCache
+
+    evicting = PerHeadCache(torch.zeros(1, 2, dtype=torch.long), torch.full((1, 2), 4, dtype=torch.long))
+    for cache in (FullCache(), FullCache(reindex=True), evicting):
+        assert isinstance(cache, PositionSource)
+    assert evicting.evicting and not FullCache().evicting

@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from headkv.alloc.allocation import Allocation, applied, kv_bytes
 from headkv.models import window as win
-from headkv.models.attention import FAMILIES, HeadkvError, check_family, native_caps
+from headkv.models.common import HeadkvError
+from headkv.models.families import FAMILIES, check_family, native_caps
 from headkv.models.loading import freeze, model_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
