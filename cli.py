@@ -7,7 +7,7 @@
 | classify | classify.sensitivity.classify_model               | head profile JSON                             |
 | sweep    | alloc.sweep.run_sweep                             | JSON lines, one per configuration (resumable) |
 | plot     | alloc.plots.plot_results                          | PNG figures (sweep, passkey or search file)   |
-| train    | alloc.train.fit                                   | run dir: checkpoint, allocation.json, heatmap |
+| train    | alloc.runs.open_run, alloc.train.fit              | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
 | quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
 | generate | alloc.generate.generate_rows                      | text + KV bytes held, or JSON lines per prompt |
@@ -26,12 +26,11 @@ import sys
 import time
 import typing
 from dataclasses import fields
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
-from alloc.config import (
+from headkv.alloc.config import (
     ClassifyConfig,
     ConfigError,
     EvaluateConfig,
@@ -47,7 +46,7 @@ from alloc.config import (
     check_output,
     load,
 )
-from models.common import HeadkvError
+from headkv.models.common import HeadkvError
 
 app = typer.Typer(help="Head-aware KV-cache compression: classify heads, evaluate, learn and deploy per-head "
                   "sink+window allocations.", no_args_is_help=True, add_completion=False,
@@ -132,7 +131,7 @@ def _load_model(cfg: Any, seq_len: int | None = None):
     """Model + tokenizer, after the device is checked; refuse a block beyond the model's positions."""
     import torch
 
-    from models.loading import load_model, model_shape
+    from headkv.models.loading import load_model, model_shape
 
     check_device(cfg.device)
     lm, tok = load_model(cfg.model, cfg.device, getattr(torch, cfg.dtype) if cfg.dtype else None)
@@ -144,12 +143,12 @@ def _load_model(cfg: Any, seq_len: int | None = None):
 
 def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str], controls=()) -> list[Any]:
     """Every policy name and allocation file (and its controls), resolved and checked against the model."""
-    from alloc.policies import PolicyContext, needs_profile, resolve
-    from models.loading import model_shape
+    from headkv.alloc.policies import PolicyContext, needs_profile, resolve
+    from headkv.models.loading import model_shape
 
     shape, prof = model_shape(lm), None
     if profile and any(n != "full" and needs_profile(n) for n in names):
-        from classify.profile import HeadProfile
+        from headkv.classify.profile import HeadProfile
 
         prof = HeadProfile.load(profile)
         prof.check_model(shape)
@@ -158,7 +157,7 @@ def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str]
 
 
 def _bos(tokenizer: Any) -> bool:  # blocks, streams and prompts start with BOS: the tokenizer adds one
-    from models.corpus import bos_id
+    from headkv.models.text import bos_id
 
     return bos_id(tokenizer) is not None
 
@@ -182,7 +181,7 @@ def _stage_bars() -> Callable[[str, int, int], None]:
 
 
 def _stamp() -> dict[str, Any]:
-    from alloc.results import versions
+    from headkv.alloc.results import versions
 
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions()}
 
@@ -191,9 +190,9 @@ def _stamp() -> dict[str, Any]:
 @command(EvaluateConfig)
 def evaluate(cfg: EvaluateConfig) -> None:
     """Score full attention and per-head allocations with the one evaluator, print a table, append JSON lines."""
-    from alloc.evaluate import blocks_for, result_table
-    from alloc.evaluate import evaluate as run_eval
-    from alloc.results import append_row, measurement_key, model_identity, tokens_digest
+    from headkv.alloc.evaluate import blocks_for, result_table
+    from headkv.alloc.evaluate import evaluate as run_eval
+    from headkv.alloc.results import append_row, measurement_key, model_identity, tokens_digest
 
     check_output(cfg.out)
     lm, tok = _load_model(cfg, cfg.seq_len if cfg.mode == "masked" else None)
@@ -218,9 +217,9 @@ def evaluate(cfg: EvaluateConfig) -> None:
 
 def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[Any]) -> None:
     """``evaluate --mode streaming``: the stream through each allocation's real cache, one row each."""
-    from alloc.streaming import run_streams, stream_table
-    from models.corpus import long_stream
-    from models.loading import model_shape
+    from headkv.alloc.streaming import run_streams, stream_table
+    from headkv.models.loading import model_shape
+    from headkv.models.text import long_stream
 
     limit = model_shape(lm).max_positions
     if cfg.tokens + 1 > limit and not cfg.reindex:
@@ -239,9 +238,9 @@ def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[An
 @command(ClassifyConfig)
 def classify(cfg: ClassifyConfig) -> None:
     """Classify every KV head (positional / mixed / gathering, with a confidence) and write a profile JSON."""
-    from alloc.evaluate import blocks_for
-    from classify.profile import ClassifierRule
-    from classify.sensitivity import classify_model, report
+    from headkv.alloc.evaluate import blocks_for
+    from headkv.classify.profile import ClassifierRule
+    from headkv.classify.sensitivity import classify_model, report
 
     rule = ClassifierRule(tau=cfg.tau, gqa=cfg.gqa)
     if cfg.seq_len <= rule.q_from:
@@ -267,9 +266,9 @@ def _sweep_load(cls: type, config: Optional[str], given: dict[str, Any], run: Ca
 @command(SweepConfig, config_arg=True, extra=_sweep_load)
 def sweep(cfg: SweepConfig) -> None:
     """Run a grid of configurations (resumable), then print each against StreamingLLM at equal Eff.Ctx."""
-    from alloc.evaluate import blocks_for
-    from alloc.frontier import comparison_table
-    from alloc.sweep import expand, run_sweep
+    from headkv.alloc.evaluate import blocks_for
+    from headkv.alloc.frontier import comparison_table
+    from headkv.alloc.sweep import expand, run_sweep
 
     if not cfg.grid:
         raise ConfigError("'grid' must map policy-name templates to their values")
@@ -290,7 +289,7 @@ def sweep(cfg: SweepConfig) -> None:
 def plot(cfg: PlotConfig) -> None:
     """Draw the study's figures and the frontier view from a sweep's rows, a passkey accuracy heatmap
     (depth x length) per allocation from `headkv passkey` rows, or the walk of a `headkv search` file."""
-    from alloc.plots import plot_results
+    from headkv.alloc.plots import plot_results
 
     for path in plot_results(cfg.results, cfg.out):
         typer.echo(f"wrote {path}")
@@ -299,42 +298,29 @@ def plot(cfg: PlotConfig) -> None:
 def _train_load(cls: type, config: Optional[str], given: dict[str, Any], run: Callable[..., None],
                 out_dir: Optional[str] = typer.Option(None, help="Run directory (default runs/<run id>)."),
                 resume: Optional[str] = typer.Option(None, help="Continue a run: its directory or a checkpoint file.")) -> None:
-    """Train options come from TrainConfig (alloc/train.py); a resumed run starts from its saved config."""
-    from alloc.train import check_resume, load_checkpoint_meta, resume_run_dir
+    """Train options come from TrainConfig (alloc/config.py); a resumed run starts from its saved config."""
+    from headkv.alloc.runs import load_checkpoint_meta
 
-    meta = load_checkpoint_meta(resume)[0] if resume is not None else None
-    cfg = load(TrainConfig, config, given, base=meta["config"] if meta else None)
-    if meta is not None:
-        check_resume(meta["config"], cfg, meta["path"])
-        out_dir = str(resume_run_dir(meta))
-    run(cfg, out_dir=out_dir, meta=meta)
+    base = load_checkpoint_meta(resume)[0]["config"] if resume is not None else None
+    run(load(TrainConfig, config, given, base=base), out_dir=out_dir, resume=resume)
 
 
 @command(TrainConfig, extra=_train_load)
-def train(cfg: TrainConfig, out_dir: Optional[str] = None, meta: Optional[dict] = None) -> None:
+def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: Optional[str] = None) -> None:
     """Learn per-head windows under an average-context budget; write a run directory with the checkpoint,
     the exported allocation.json and a window heatmap."""
-    from alloc.train import TrainError, check_same_model, fit, new_run_id
-    from models.loading import load_model, model_shape
+    from headkv.alloc.runs import open_run
+    from headkv.alloc.train import fit
+    from headkv.models.loading import load_model, model_shape
 
-    if meta is not None:
-        run_id = meta["run_id"]
-    elif "LOCAL_RANK" in os.environ and os.environ.get("HEADKV_RUN_ID"):  # a DDP child: the parent's run
-        run_id = os.environ["HEADKV_RUN_ID"]
-    else:
-        os.environ.pop("HEADKV_RUN_ID", None)
-        run_id = new_run_id(cfg.budget)
-    run_dir = Path(out_dir or Path("runs") / run_id)
-    if meta is None and ((run_dir / "allocation.json").exists() or (run_dir / "checkpoints").exists()):
-        raise TrainError(f"{run_dir} already holds a run: pass --resume {run_dir} or another --out-dir")
+    run = open_run(cfg, out_dir, resume)  # the one resume scheme (alloc/runs.py), before anything is written
+    run_dir, run_id = run.dir, run.run_id
     check_output(run_dir, directory=True)
     lm, tok = load_model(cfg.model, dtype=cfg.torch_dtype)
     if cfg.seq_len > model_shape(lm).max_positions:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's {model_shape(lm).max_positions} positions")
-    if meta is not None:
-        check_same_model(meta, model_shape(lm))
     _RESUME["hint"] = f"checkpoints are kept in {run_dir / 'checkpoints'}; resume with --resume {run_dir}"
-    alloc = fit(lm, tok, cfg, run_dir, run_id, resume=meta["path"] if meta else None)
+    alloc = fit(lm, tok, cfg, run_dir, run_id, resume=run.checkpoint)
     if alloc is None:  # a DDP worker: the main process reports
         return
     _, w = alloc.tensors()
@@ -346,14 +332,14 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, meta: Optional[dict] 
 @command(ExportConfig)
 def export(cfg: ExportConfig) -> None:
     """Export learned gates as integer windows with mean Eff.Ctx <= budget (re-solved for that budget)."""
-    from alloc.train import export_checkpoint
+    from headkv.alloc.train import export_checkpoint
 
     if not cfg.checkpoint:
         raise ConfigError("give the checkpoint: headkv export CHECKPOINT -o FILE")
     check_output(cfg.out)
     shape = None
     if cfg.model is not None:
-        from models.loading import load_model, model_shape
+        from headkv.models.loading import load_model, model_shape
 
         shape = model_shape(load_model(cfg.model)[0])
     alloc = export_checkpoint(cfg.checkpoint, cfg.budget, shape)
@@ -367,8 +353,8 @@ def export(cfg: ExportConfig) -> None:
 def quantize(cfg: QuantizeConfig) -> None:
     """Round a per-head allocation to at most K (sink, window) classes under the same budget, with the head
     permutation per layer that makes each class contiguous (a form per-layer/per-group engines can load)."""
-    from alloc.allocation import Allocation
-    from alloc.quantize import quantize as to_classes
+    from headkv.alloc.allocation import Allocation
+    from headkv.alloc.quantize import quantize as to_classes
 
     check_output(cfg.out)
     alloc = Allocation.load(cfg.allocation)
@@ -382,9 +368,9 @@ def quantize(cfg: QuantizeConfig) -> None:
 def generate(cfg: GenerateConfig) -> None:
     """Greedy generation through the allocation's real per-head cache: one --prompt (prints the text and the KV
     bytes held) or a --prompts file in left-padded batches (one JSON row per prompt in --out)."""
-    from alloc.generate import encode, generate_rows, read_prompts, save_rows, summary
-    from models.kv_cache import DeployError
-    from models.loading import model_shape
+    from headkv.alloc.generate import encode, generate_rows, read_prompts, save_rows, summary
+    from headkv.models.kv_cache import DeployError
+    from headkv.models.loading import model_shape
 
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
     if cfg.out:
@@ -404,9 +390,9 @@ def generate(cfg: GenerateConfig) -> None:
 @command(PasskeyConfig)
 def passkey(cfg: PasskeyConfig) -> None:
     """Passkey retrieval through each allocation's real cache: accuracy per depth x length, heatmaps."""
-    from alloc.passkey import build_tasks, passkey_table, run_passkey_file
-    from alloc.plots import passkey_heatmaps
-    from models.corpus import long_stream
+    from headkv.alloc.passkey import build_tasks, passkey_table, run_passkey_file
+    from headkv.alloc.plots import passkey_heatmaps
+    from headkv.models.text import long_stream
 
     check_output(cfg.out)
     check_output(cfg.plots, directory=True)
@@ -427,7 +413,7 @@ def search(cfg: SearchConfig) -> None:
     """The smallest average budget whose learned allocation keeps perplexity within --max-ppl-increase of full
     attention's on the eval split: bisection over budgets, each probe trained warm from the nearest one;
     writes search.json (the curve walked), allocation.json and search.png (resumable)."""
-    from alloc.search import prepare, run_search, summary
+    from headkv.alloc.search import prepare, run_search, summary
 
     plan = prepare(cfg)  # every check that needs no model: one error line, nothing written
     lm, tok = _load_model(cfg, cfg.seq_len)

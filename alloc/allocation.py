@@ -27,12 +27,14 @@ from typing import Any, Iterator
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from models import window as win
-from models.attention import FullCache, HardMask, check_family, windowed
-from models.common import HeadkvError, atomic_write
-from models.kv_cache import PerHeadCache
-from models.loading import ModelShape, model_shape
-from models.static_cache import StaticHeadCache
+from headkv.models import window as win
+from headkv.models.attention import FullCache, windowed
+from headkv.models.common import HeadkvError, atomic_write
+from headkv.models.families import check_family
+from headkv.models.kv_cache import PerHeadCache
+from headkv.models.loading import ModelShape, model_shape
+from headkv.models.masks import HardMask
+from headkv.models.static_cache import StaticHeadCache
 
 FORMAT_VERSION = 1
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from models.common import HeadkvError
+from headkv.models.common import HeadkvError
 
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("auto", "flex", "dense")  # models.attention.windowed's; checked equal by a test
@@ -122,7 +122,7 @@ class SweepConfig:
                               "shuffled (windows permuted across heads), layer_mean. Repeatable.")
 
     def check(self) -> None:
-        from alloc.policies import CONTROLS
+        from headkv.alloc.policies import CONTROLS
 
         bad = [c for c in self.controls if c not in CONTROLS]
         if bad:
@@ -315,7 +315,7 @@ class TrainConfig:
         for key, allowed in _lightning_names().items():
             if str(getattr(self, key)) not in allowed:
                 raise TrainError(f"{key} must be one of {', '.join(sorted(allowed))}, got {getattr(self, key)!r}")
-        from alloc.gates import GateError, check_budget
+        from headkv.alloc.gates import GateError, check_budget
 
         try:
             check_budget(float(self.budget), self.sink, self.seq_len)

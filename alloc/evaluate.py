@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation, applied, full_allocation, kv_bytes
-from alloc.bootstrap import ppl_interval
-from models import scoring
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied, full_allocation, kv_bytes
+from headkv.alloc.bootstrap import ppl_interval
+from headkv.models import scoring
+from headkv.models.loading import model_shape
 
 N_BOOT = 2000
 
@@ -52,7 +52,7 @@ def paired_log_ppl_diff(
 ) -> tuple[float, float, float]:
     """log PPL(a) - log PPL(b) on the same tokens, with a 95% paired bootstrap interval over whole blocks
     ((nan, nan) for a single block)."""
-    from alloc.bootstrap import paired_log_ppl_interval
+    from headkv.alloc.bootstrap import paired_log_ppl_interval
 
     ga = a if isinstance(a, dict) else a.to_dict()
     gb = b if isinstance(b, dict) else b.to_dict()
@@ -130,7 +130,7 @@ def blocks_for(
 ) -> torch.Tensor:
     """Evaluation blocks: ``tokens`` input tokens in blocks of ``seq_len``; fewer than one block gives one
     block of ``tokens + 1`` inputs, so exactly ``tokens`` are predicted (the study's 1000-token protocol)."""
-    from models.corpus import token_blocks
+    from headkv.models.text import token_blocks
 
     if tokens < seq_len:
         seq_len, n_blocks = tokens + 1, 1

@@ -22,9 +22,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from alloc.bootstrap import N_BOOT, PERCENTILES, block_sums, boot_ppl, paired_delta_interval, resample_index
-from alloc.bootstrap import same_tokens as _same_tokens
-from alloc.policies import family_of
+from headkv.alloc.bootstrap import (
+    N_BOOT,
+    PERCENTILES,
+    block_sums,
+    boot_ppl,
+    paired_delta_interval,
+    resample_index,
+)
+from headkv.alloc.bootstrap import same_tokens as _same_tokens
+from headkv.alloc.policies import family_of
 
 __all__ = [
     "N_BOOT",

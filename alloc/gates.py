@@ -26,15 +26,14 @@ allows (equal whenever ``n_heads * (budget - sink)`` is an integer).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from alloc.allocation import Allocation
-from models import window as win
-from models.common import HeadkvError
+from headkv.alloc.allocation import Allocation
+from headkv.models.common import HeadkvError
+from headkv.models.masks import SoftMask
 
 
 class GateError(HeadkvError):
@@ -106,22 +105,6 @@ def round_to_budget(windows: torch.Tensor, total: int, cap: int | torch.Tensor) 
     if need:
         base.view(-1)[torch.topk(frac, need).indices] += 1
     return base.long()
-
-
-@dataclass
-class SoftMask:
-    """A mask provider for ``models.attention.windowed``: the soft gate at one temperature."""
-
-    sink: torch.Tensor  # (L, H) long, or float (learned sinks, may require grad)
-    window: torch.Tensor  # (L, H) float, may require grad
-    tau: float
-    cap: torch.Tensor | None = None  # (L, H) long native windows (0: none), or None
-    edge: str = "linear"  # models.window.edge: "linear" or "log"
-
-    def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        cap = None if self.cap is None else self.cap[layer]
-        return win.soft_bias(q_pos, k_pos, self.sink[layer], self.window[layer], self.tau, cap,
-                             self.edge)  # (H, Q, K)
 
 
 class WindowGates(nn.Module):

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation, applied, kv_bytes
-from models import window as win
-from models.common import atomic_write
-from models.kv_cache import DeployError, kv_bytes_of
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied, kv_bytes
+from headkv.models import window as win
+from headkv.models.common import atomic_write
+from headkv.models.kv_cache import DeployError, kv_bytes_of
+from headkv.models.loading import model_shape
 
 
 def encode(tokenizer: Any, prompts: list[str], positions: int | None, new_tokens: int) -> list[list[int]]:

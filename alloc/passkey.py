@@ -23,10 +23,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation, applied
-from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
-from models import window as win
-from models.corpus import bos_id
+from headkv.alloc.allocation import Allocation, applied
+from headkv.alloc.results import (
+    append_row,
+    measurement_key,
+    model_identity,
+    read_rows,
+    tokens_digest,
+    versions,
+)
+from headkv.models import window as win
+from headkv.models.text import bos_id
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +209,8 @@ def retrieval_scores(model: PreTrainedModel, tasks: Iterable[PasskeyTask]) -> to
     """Per (layer, KV head): attention mass the prompt's last query puts on the needle, under full attention,
     averaged over tasks and the query heads of each KV head -- DuoAttention's idea of finding retrieval
     heads on synthetic passkey data. Returns (layers, KV heads)."""
-    from models.attention import attention_maps
-    from models.loading import model_shape
+    from headkv.models.attention import attention_maps
+    from headkv.models.loading import model_shape
 
     shape = model_shape(model)
     total, n = torch.zeros(shape.n_layers, shape.n_kv_heads), 0

@@ -29,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from alloc.frontier import compare_all, frontier, row_family  # noqa: E402
-from models.common import atomic_write  # noqa: E402
+from headkv.alloc.frontier import compare_all, frontier, row_family  # noqa: E402
+from headkv.models.common import atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -412,9 +412,9 @@ def plot_results(results: str | Path, out: str | Path) -> list[Path]:
     """`headkv plot RESULTS`: the study's figures from a sweep's rows, a passkey heatmap per allocation from
     `headkv passkey` rows, or the search figure (``search.png``) from a `headkv search` file (told apart by
     content); one ConfigError line when the file holds none of them."""
-    from alloc.config import ConfigError, check_output
-    from alloc.results import read_rows, read_search
-    from alloc.sweep import sweep_rows
+    from headkv.alloc.config import ConfigError, check_output
+    from headkv.alloc.results import read_rows, read_search
+    from headkv.alloc.sweep import sweep_rows
 
     if not results:
         raise ConfigError("give the results file: headkv plot RESULTS.jsonl")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from alloc.allocation import Allocation, AllocationError
+from headkv.alloc.allocation import Allocation, AllocationError
 
 STUDY_SINK = 4  # the study's sink count for every family except A
 
@@ -171,7 +171,7 @@ def control(alloc: Allocation, kind: str, seed: int = 0) -> Allocation:
     what the first tests; how much each layer gets, the second."""
     import torch
 
-    from alloc.gates import round_to_budget
+    from headkv.alloc.gates import round_to_budget
 
     if kind not in CONTROLS:
         raise AllocationError(f"unknown control '{kind}' (one of {', '.join(CONTROLS)})")
@@ -208,7 +208,7 @@ def resolve(ctx: PolicyContext, names: list[str], files: list[str], controls: An
     """Every policy name and allocation file as an Entry, all checked against the model before anything
     runs, each file followed by its ``controls`` (:func:`control`). Labels are for display only (results
     are keyed by content) and are made unique here."""
-    from alloc.results import file_hash
+    from headkv.alloc.results import file_hash
 
     entries = [Entry(n, None, {"policy": "full"}) if n == "full"
                else Entry(n, build(n, ctx).bound(ctx.native), {"policy": n}) for n in names]

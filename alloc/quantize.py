@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from alloc.allocation import Allocation, AllocationError
+from headkv.alloc.allocation import Allocation, AllocationError
 
 MAX_CLASSES = 4  # what serving engines can run: a few window groups per layer
 

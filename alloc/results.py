@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 from typing import Any, Iterator
 
-from models.common import HeadkvError
+from headkv.models.common import HeadkvError
 
 
 def versions() -> dict[str, str]:

@@ -50,14 +50,15 @@ from typing import Any, Callable
 
 import torch
 
-from alloc.allocation import Allocation
-from alloc.config import ConfigError, SearchConfig, TrainConfig, TrainError, check_output, load
-from alloc.evaluate import blocks_for, evaluate, paired_log_ppl_diff
-from alloc.gates import GateError, check_budget
-from alloc.results import model_identity, read_search, tokens_digest, versions
-from alloc.train import RESUME_KEYS, TrainBlocks, check_resume, fit, load_checkpoint_meta
-from models.common import HeadkvError, atomic_write
-from models.loading import load_model
+from headkv.alloc.allocation import Allocation
+from headkv.alloc.config import ConfigError, SearchConfig, TrainConfig, TrainError, check_output, load
+from headkv.alloc.evaluate import blocks_for, evaluate, paired_log_ppl_diff
+from headkv.alloc.gates import GateError, check_budget
+from headkv.alloc.results import model_identity, read_search, tokens_digest, versions
+from headkv.alloc.runs import RESUME_KEYS, open_run
+from headkv.alloc.train import TrainBlocks, fit
+from headkv.models.common import HeadkvError, atomic_write
+from headkv.models.loading import load_model
 
 DEFAULT_TRAIN_CONFIG = "configs/train.yaml"
 # the search's options that change a number (the probes' train config is compared too, key by key)
@@ -171,18 +172,15 @@ def _train(
 ) -> tuple[Allocation, bool]:
     """(the probe's allocation, whether it was trained now): read back from a run that finished with this
     config, else trained (an interrupted run continues from its last checkpoint)."""
-    resume = None
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        meta = load_checkpoint_meta(run_dir)[0]
-        check_resume(meta["config"], cfg, meta["path"])
-        if meta["global_step"] >= cfg.max_steps and (run_dir / "allocation.json").is_file():
-            return Allocation.load(run_dir / "allocation.json"), False
-        resume = meta["path"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run = open_run(cfg, run_dir, run_dir if last.is_file() else None, run_id)  # the one resume scheme
+    if run.finished:
+        return Allocation.load(run.dir / "allocation.json"), False
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # one line per probe, not Lightning's banner per probe
     try:
-        return fit(lm, tok, cfg, run_dir, run_id, resume=resume, progress=bar), True
+        return fit(lm, tok, cfg, run.dir, run.run_id, resume=run.checkpoint, progress=bar), True
     except SystemExit as e:  # Lightning answers Ctrl-C with a graceful shutdown and exit(1): it is a Ctrl-C
         raise KeyboardInterrupt from e
     finally:
@@ -318,7 +316,7 @@ def _line(row: dict[str, Any], target: float, how: str) -> str:
 
 
 def _figure(state: dict[str, Any], out_dir: Path) -> Path:
-    from alloc.plots import search_figure
+    from headkv.alloc.plots import search_figure
 
     return search_figure(state, out_dir / "search.png")
 

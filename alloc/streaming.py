@@ -27,10 +27,17 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from alloc.allocation import Allocation, applied, kv_bytes
-from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
-from models.kv_cache import kv_bytes_of
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied, kv_bytes
+from headkv.alloc.results import (
+    append_row,
+    measurement_key,
+    model_identity,
+    read_rows,
+    tokens_digest,
+    versions,
+)
+from headkv.models.kv_cache import kv_bytes_of
+from headkv.models.loading import model_shape
 
 log = logging.getLogger(__name__)
 

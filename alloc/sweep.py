@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import torch
 
-from alloc.allocation import AllocationError
-from alloc.evaluate import evaluate
-from alloc.policies import Entry, family_of, unique_labels
-from alloc.results import (
+from headkv.alloc.allocation import AllocationError
+from headkv.alloc.evaluate import evaluate
+from headkv.alloc.policies import Entry, family_of, unique_labels
+from headkv.alloc.results import (
     ResultsError,
     append_row,
     measurement_key,

@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import pickle
-import secrets
-import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,16 +31,23 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from alloc.allocation import Allocation
-from alloc.config import OBJECTIVES, TrainConfig, TrainError
-from alloc.gates import WindowGates
-from models import scoring
-from models.attention import is_clean, soft_trains_on_flex, windowed
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation
+from headkv.alloc.config import OBJECTIVES, TrainConfig, TrainError
+from headkv.alloc.gates import WindowGates
+from headkv.alloc.loggers import log_artifact, log_heatmap, make_loggers
+from headkv.alloc.runs import (
+    CKPT_KEY,
+    check_same_model,
+    csv_version,
+    load_checkpoint_meta,
+    resume_point,
+    run_meta,
+)
+from headkv.models import scoring
+from headkv.models.attention import is_clean, soft_trains_on_flex, windowed
+from headkv.models.loading import model_shape
 
 log = logging.getLogger(__name__)
-CKPT_KEY = "headkv"
-CKPT_VERSION = 1
 
 
 def tau_at(cfg: TrainConfig, step: int) -> float:
@@ -160,7 +163,7 @@ class TrainBlocks(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        from models.corpus import token_blocks
+        from headkv.models.text import token_blocks
 
         cfg = self.cfg
         n_train = cfg.n_blocks or cfg.max_steps * cfg.batch_size * self.world_size
@@ -181,8 +184,8 @@ class TrainBlocks(L.LightningDataModule):
         self.train = train[order]
         n_passkey = round(cfg.passkey_mix * len(train))
         if n_passkey:  # spread evenly over the run, in place of text blocks
-            from alloc.passkey import training_blocks
-            from models.corpus import tokenized_split
+            from headkv.alloc.passkey import training_blocks
+            from headkv.models.text import tokenized_split
 
             stream = tokenized_split(self.tokenizer, cfg.corpus, "train", encoding=cfg.encoding).ids
             at = [int((i + 0.5) * len(train) / n_passkey) for i in range(n_passkey)]
@@ -257,16 +260,9 @@ class GateModule(L.LightningModule):
         checkpoint[CKPT_KEY] = run_meta(self.cfg, self.model_shape, self.run_id)
 
     def export(self, budget: float | None = None) -> Allocation:
-        return self.gates.export(
-            budget,
-            model_id=self.model_shape.model_id,
-            q_per_kv=self.model_shape.q_per_kv,
-            model=self.cfg.model,
-            steps=int(self.global_step),
-            run_id=self.run_id,
-            objective=self.cfg.objective,
-            corpus=self.cfg.corpus,
-        )
+        shape = self.model_shape
+        return export_gates(self.gates, self.cfg, self.run_id, int(self.global_step), shape.model_id,
+                            shape.q_per_kv, budget)
 
     def _log_windows(self) -> None:
         w = self.gates.windows().detach()  # (L, H)
@@ -288,7 +284,7 @@ class GateModule(L.LightningModule):
         """Export at the budget and score the held-out TRAIN-split blocks with the one evaluator."""
         if self.val_blocks is None or not len(self.val_blocks) or not self.trainer.is_global_zero:
             return
-        from alloc.evaluate import evaluate
+        from headkv.alloc.evaluate import evaluate
 
         alloc = self.export()
         res = evaluate(self.lm, alloc, self.val_blocks)
@@ -302,7 +298,7 @@ class GateModule(L.LightningModule):
 
 def load_init(path: str | Path, shape: Any) -> Allocation:
     """The allocation a run warm-starts from, checked against the model: one TrainError line otherwise."""
-    from alloc.allocation import AllocationError
+    from headkv.alloc.allocation import AllocationError
 
     try:
         alloc = Allocation.load(path)
@@ -310,217 +306,6 @@ def load_init(path: str | Path, shape: Any) -> Allocation:
     except AllocationError as e:
         raise TrainError(f"--init: {e}") from None
     return alloc
-
-
-def run_meta(cfg: TrainConfig, shape: Any, run_id: str) -> dict[str, Any]:
-    """What headkv adds to a checkpoint: plain str/int/float/bool/None/list/dict only, so that it loads with
-    ``torch.load(weights_only=True)`` (a path-like config value is stored as its string)."""
-    config = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in cfg.to_dict().items()}
-    return {
-        "version": CKPT_VERSION,
-        "config": config,
-        "run_id": str(run_id),
-        "model_id": str(shape.model_id),
-        "shape": [int(n) for n in shape.shape],
-        "q_per_kv": int(shape.q_per_kv),
-        "native": [int(c) for c in getattr(shape, "native", ())],
-    }
-
-
-def new_run_id(budget: float) -> str:
-    """A run id shared by every DDP process of one run (children inherit it through the environment)."""
-    return os.environ.setdefault(
-        "HEADKV_RUN_ID", f"b{budget:g}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    )
-
-
-def log_heatmap(loggers: list[Any], alloc: Allocation, root: str | Path, step: int) -> Path:
-    from alloc.plots import window_heatmap
-
-    path = window_heatmap(
-        alloc, Path(root) / "heatmap.png", f"{alloc.name} step {step}: Eff.Ctx {alloc.eff_ctx():.2f}"
-    )
-    for logger in loggers:
-        if hasattr(logger, "log_image"):
-            logger.log_image(key="windows/heatmap", images=[str(path)], step=step)
-    return path
-
-
-# Every TrainConfig field that changes what a run learns: a resume must keep them all (check_resume).
-RESUME_KEYS = (
-    "model",
-    "corpus",
-    "encoding",
-    "budget",
-    "sink",
-    "sink_max",
-    "seq_len",
-    "batch_size",
-    "max_steps",
-    "lr",
-    "lr_schedule",
-    "lr_end_frac",
-    "tau_start",
-    "tau_end",
-    "tau_schedule",
-    "edge",
-    "objective",
-    "init",
-    "n_blocks",
-    "passkey_mix",
-    "val_blocks",
-    "dtype",
-    "precision",
-    "devices",
-    "seed",
-)
-
-
-LIGHTNING_KEYS = ("optimizer_states", "lr_schedulers", "loops")  # what a resume needs beyond the gates
-
-
-def _unpickling_reason(err: BaseException) -> str:
-    """What the safe unpickler refused, from its long message (skipping torch's advice to load unsafely)."""
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    for line in str(err).splitlines():
-        line = line.strip()
-        if not line or line.startswith(skip):
-            continue
-        if "GLOBAL " in line:  # "Trying to load unsupported GLOBAL posix.system whose module ..."
-            return f"it would call {line.split('GLOBAL ', 1)[1].split()[0]}"
-        return line.rstrip(".")
-    return "a pickle of objects"
-
-
-def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(run meta, gate state) of a training checkpoint (file or run directory), or one clear TrainError.
-
-    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so no file
-    a user passes can run code. Every way it can fail (missing, torn, not a checkpoint, a pickle with
-    objects in it, missing keys, wrong types) is a TrainError of one line that names the file. The meta
-    gains ``path`` (the checkpoint file), ``global_step`` and ``resumable`` (it also holds the optimizer,
-    scheduler and loop state that Lightning needs to continue the run).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise TrainError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise TrainError(f"checkpoint {path} is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # objects other than tensors and plain containers: never run them
-        why = _unpickling_reason(e)
-        raise TrainError(f"cannot read checkpoint {path}: not a plain-tensor checkpoint ({why})") from None
-    except Exception as e:  # a torn or foreign file: say so in one line
-        text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        detail = f"{type(e).__name__}: {text}" if text else type(e).__name__
-        why = f"not a torch checkpoint, or a torn one ({detail})"
-        raise TrainError(f"cannot read checkpoint {path}: {why}") from None
-    if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise TrainError(f"{path} is not a headkv training checkpoint")
-    meta, state = ckpt[CKPT_KEY], ckpt["state_dict"]
-    if not isinstance(meta, dict) or not isinstance(state, dict):
-        raise TrainError(f"{path} is not a headkv training checkpoint (malformed '{CKPT_KEY}' or state_dict)")
-    missing = [k for k in ("config", "run_id", "model_id", "shape", "q_per_kv") if k not in meta]
-    if "gates.logits" not in state:
-        missing.append("gates.logits")
-    if missing:
-        raise TrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    shape, logits, step = meta["shape"], state["gates.logits"], ckpt.get("global_step", 0)
-    bad = []
-    if not isinstance(meta["config"], dict):
-        bad.append("config")
-    if not isinstance(meta["run_id"], str):
-        bad.append("run_id")
-    if not isinstance(meta["model_id"], str):
-        bad.append("model_id")
-    if not (
-        isinstance(shape, (list, tuple))
-        and len(shape) == 2
-        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
-    ):
-        bad.append("shape")
-    if not isinstance(meta["q_per_kv"], int) or isinstance(meta["q_per_kv"], bool) or meta["q_per_kv"] < 1:
-        bad.append("q_per_kv")
-    if not (
-        isinstance(logits, torch.Tensor)
-        and logits.is_floating_point()
-        and "shape" not in bad
-        and tuple(logits.shape) == tuple(shape)
-    ):
-        bad.append("gates.logits")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        bad.append("global_step")
-    sink_logits = state.get("gates.sink_logits")
-    learned_sinks = isinstance(meta["config"], dict) and bool(meta["config"].get("sink_max"))
-    if learned_sinks != (sink_logits is not None) or not (
-        sink_logits is None or isinstance(sink_logits, torch.Tensor) and sink_logits.is_floating_point()
-        and "shape" not in bad and tuple(sink_logits.shape) == tuple(shape)
-    ):
-        bad.append("gates.sink_logits")
-    native = meta.get("native", [])
-    if not (isinstance(native, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
-                                             for c in native)
-            and (not native or "shape" in bad or len(native) == shape[0])):
-        bad.append("native")
-    if bad:
-        raise TrainError(f"{path}: checkpoint has a malformed {', '.join(bad)}")
-    try:
-        TrainConfig.from_dict(meta["config"])
-    except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainError(f"{path}: checkpoint has a bad config: {why}") from None
-    resumable = all(isinstance(ckpt.get(k), (dict, list)) for k in LIGHTNING_KEYS)
-    meta = {**meta, "shape": list(shape), "path": str(path), "global_step": step, "resumable": resumable}
-    return meta, state
-
-
-def check_resume(saved_config: dict[str, Any], cfg: TrainConfig, path: str | Path = "the checkpoint") -> None:
-    """Refuse to resume a run with a configuration that changes what it learns, in one line listing every
-    changed key: ``cannot resume <path>: it was trained with batch_size=1, objective=kl; this run asks
-    batch_size=2, objective=ce``.
-
-    Compared (``RESUME_KEYS``): everything that changes the trajectory of the gates: the model, corpus,
-    budget, sink and seq_len (what is learned), batch_size, max_steps, n_blocks, passkey_mix and val_blocks
-    (which blocks are trained on, in which order; max_steps also sets where the tau and lr schedules end), lr,
-    lr_schedule, lr_end_frac, tau_start, tau_end, tau_schedule, edge and objective (the optimisation),
-    dtype and precision (the numerics), devices (the global batch is batch_size x devices, and the resumed
-    data order counts blocks per process) and seed (block order and initialisation).
-
-    Free to change on resume (logistics, not the result): accelerator and strategy (a run may move to
-    another machine; only rounding differs), threads, eval_every, log_every and ckpt_every (when things are
-    logged, evaluated or saved, never what the gates see), wandb_mode and wandb_project.
-
-    A key missing from ``saved_config`` (a checkpoint older than the key) counts as its default.
-    """
-    defaults = TrainConfig().to_dict()
-    now = cfg.to_dict()
-    changed = [k for k in RESUME_KEYS if saved_config.get(k, defaults[k]) != now[k]]
-    if changed:
-        was = ", ".join(f"{k}={saved_config.get(k, defaults[k])}" for k in changed)
-        asks = ", ".join(f"{k}={now[k]}" for k in changed)
-        raise TrainError(f"cannot resume {path}: it was trained with {was}; this run asks {asks}")
-
-
-def resume_run_dir(meta: dict[str, Any]) -> Path:
-    """The run directory a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt`` -> ``<run>``), so a
-    resumed run writes its checkpoints, CSV, allocation and heatmap beside the ones it continues; a
-    TrainError if the checkpoint does not lie in a run directory's checkpoints/ folder."""
-    path = Path(os.path.normpath(str(meta.get("path", ""))))
-    if path.parent.name != "checkpoints":
-        raise TrainError(f"cannot resume {path}: it is not in a run directory (<run>/checkpoints/*.ckpt)")
-    return path.parent.parent
-
-
-def check_same_model(meta: dict[str, Any], shape: Any) -> None:
-    if list(meta["shape"]) != list(shape.shape) or meta["q_per_kv"] != shape.q_per_kv:
-        raise TrainError(
-            f"checkpoint {meta['path']} is from model '{meta['model_id']}' "
-            f"({meta['shape'][0]}x{meta['shape'][1]} KV heads), not '{shape.model_id}' "
-            f"({shape.n_layers}x{shape.n_kv_heads})"
-        )
 
 
 def export_checkpoint(path: str | Path, budget: float | None = None, model_shape_: Any = None) -> Allocation:
@@ -533,86 +318,19 @@ def export_checkpoint(path: str | Path, budget: float | None = None, model_shape
     native = tuple(int(c) for c in meta.get("native") or ())
     gates = WindowGates(tuple(meta["shape"]), float(cfg.budget), cfg.seq_len, cfg.sink, native, cfg.sink_max)
     gates.load_state_dict({k.removeprefix("gates."): v for k, v in state.items() if k.startswith("gates.")})
-    return gates.export(
-        budget,
-        model_id=meta["model_id"],
-        q_per_kv=meta["q_per_kv"],
-        model=cfg.model,
-        steps=meta["global_step"],
-        run_id=meta["run_id"],
-        objective=cfg.objective,
-        corpus=cfg.corpus,
-        trained_budget=cfg.budget,
-        checkpoint=meta["path"],
-    )
+    return export_gates(gates, cfg, meta["run_id"], meta["global_step"], meta["model_id"], meta["q_per_kv"],
+                        budget, trained_budget=cfg.budget, checkpoint=meta["path"])
 
 
-def make_loggers(cfg: TrainConfig, run_dir: Path, run_id: str, csv_version: str = "") -> list[Any]:
-    """CSV always (a resumed run writes a new file beside the old one); wandb unless disabled.
-    Online without a reachable server falls back to offline."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    csv = CSVLogger(run_dir, name="csv", version=csv_version, flush_logs_every_n_steps=cfg.log_every)
-    loggers: list[Any] = [csv]
-    mode = cfg.wandb_mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if mode == "disabled":
-        return loggers
-    kw = dict(
-        project=cfg.wandb_project,
-        name=run_id,
-        id=run_id,
-        save_dir=str(run_dir),
-        resume="allow",
-        config=cfg.to_dict(),
-    )
-    os.environ.setdefault("WANDB_SILENT", "true")
-    if mode == "online":
-        wl = _wandb_logger("online", kw)
-        if wl is not None:
-            return [*loggers, wl]
-        log.warning("wandb cannot reach its server: logging offline instead (`wandb sync` later)")
-    wl = _wandb_logger("offline", kw)
-    return [*loggers, wl] if wl is not None else loggers
-
-
-def _wandb_logger(mode: str, kw: dict[str, Any]) -> Any:
-    """A started WandbLogger, or None (after cleaning up) if wandb cannot start: a run never fails for it."""
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
-
-    try:
-        settings = wandb.Settings(init_timeout=60) if mode == "online" else None
-        wl = WandbLogger(mode=mode, settings=settings, **kw)
-        _ = wl.experiment  # start now, so a dead server is found here and not mid-run
-        return wl
-    except Exception as e:
-        log.warning("wandb %s failed: %s", mode, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        try:
-            wandb.teardown()  # the failed run keeps its id reserved in wandb's service otherwise
-        except Exception:
-            pass
-        return None
-
-
-def log_artifact(loggers: list[Any], path: Path, alloc: Allocation) -> None:
-    """Store the exported allocation as a wandb artifact (offline runs keep it for a later sync)."""
-    for logger in loggers:
-        if type(logger).__name__ != "WandbLogger":
-            continue
-        try:
-            import wandb
-
-            art = wandb.Artifact(
-                f"allocation-{alloc.meta.get('run_id', 'run')}",
-                type="allocation",
-                metadata={k: v for k, v in alloc.meta.items() if isinstance(v, (int, float, str))},
-            )
-            art.add_file(str(path))
-            logger.experiment.log_artifact(art)
-        except Exception as e:
-            log.warning("could not log the allocation artifact to wandb: %s", str(e).splitlines()[0])
+def export_gates(
+    gates: WindowGates, cfg: TrainConfig, run_id: str, steps: int, model_id: str, q_per_kv: int,
+    budget: float | None = None, **extra: Any,
+) -> Allocation:
+    """The gates as an allocation at ``budget`` (default: the training budget), with the run's meta: the one
+    place it is built, for the live run (:meth:`GateModule.export`) and a checkpoint
+    (:func:`export_checkpoint`)."""
+    return gates.export(budget, model_id=model_id, q_per_kv=q_per_kv, model=cfg.model, steps=int(steps),
+                        run_id=run_id, objective=cfg.objective, corpus=cfg.corpus, **extra)
 
 
 def _trainer(cfg: TrainConfig, run_dir: Path, loggers: list[Any], callbacks: list[Any], progress: bool):
@@ -664,10 +382,8 @@ def fit(
     run_dir = Path(run_dir)
     step = 0
     if resume is not None:  # before anything is written: a bad checkpoint is one TrainError
-        meta = load_checkpoint_meta(resume)[0]
-        if not meta["resumable"]:
-            raise TrainError(f"cannot resume {meta['path']}: it holds no optimizer, scheduler and loop state")
-        check_resume(meta["config"], cfg, meta["path"])
+        meta = resume_point(resume, cfg)
+        check_same_model(meta, model_shape(lm))
         resume, step = meta["path"], meta["global_step"]
     init = load_init(cfg.init, model_shape(lm)) if cfg.init else None  # before anything is written
     if lm.dtype != cfg.torch_dtype:
@@ -679,10 +395,7 @@ def fit(
     data = TrainBlocks(tokenizer, cfg, world_size=cfg.devices)
     data.setup()
     module = GateModule(lm, cfg, run_id, data.val, init)
-    # a resumed (or crashed and restarted) run logs to a new CSV beside the old one, never into it
-    fresh = not (run_dir / "csv" / "metrics.csv").exists()
-    csv_version = "" if fresh else f"from-step{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    loggers = make_loggers(cfg, run_dir, run_id, csv_version=csv_version)
+    loggers = make_loggers(cfg, run_dir, run_id, csv_version=csv_version(run_dir, step))
     trainer = _trainer(cfg, run_dir, loggers, list(callbacks or []), progress)
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kv_memory import allocations, header, load, parse, prefill  # noqa: E402
 
-from alloc.allocation import Allocation, applied  # noqa: E402
-from models.common import emit_json  # noqa: E402
-from models.loading import model_shape  # noqa: E402
+from headkv.alloc.allocation import Allocation, applied  # noqa: E402
+from headkv.models.common import emit_json  # noqa: E402
+from headkv.models.loading import model_shape  # noqa: E402
 
 
 class SlidingTwin:

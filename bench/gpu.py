@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from train_step import SHAPES, measure  # noqa: E402
 
-from alloc.allocation import Allocation, applied  # noqa: E402
-from models import flex  # noqa: E402
-from models.common import atomic_write  # noqa: E402
-from models.loading import freeze, model_shape  # noqa: E402
-from models.static_cache import GraphDecoder  # noqa: E402
+from headkv.alloc.allocation import Allocation, applied  # noqa: E402
+from headkv.models import flex  # noqa: E402
+from headkv.models.common import atomic_write  # noqa: E402
+from headkv.models.loading import freeze, model_shape  # noqa: E402
+from headkv.models.static_cache import GraphDecoder  # noqa: E402
 
 SINK, BUDGET = 4, 128
 
@@ -241,8 +241,8 @@ def profile_train(args, t: int, top: int = 15) -> dict:
     """Where a KL training step's device time goes at T tokens: torch.profiler's top kernels by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from alloc.gates import WindowGates
-    from alloc.train import distill_loss
+    from headkv.alloc.gates import WindowGates
+    from headkv.alloc.train import distill_loss
 
     model = build(args, t)
     blocks = torch.randint(0, model.config.vocab_size, (1, t), device=args.device)

@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from alloc.allocation import Allocation, applied, kv_bytes  # noqa: E402
-from alloc.policies import PolicyContext, build  # noqa: E402
-from models.common import emit_json  # noqa: E402
-from models.kv_cache import PerHeadCache, kv_bytes_of  # noqa: E402
-from models.loading import freeze, model_shape  # noqa: E402
+from headkv.alloc.allocation import Allocation, applied, kv_bytes  # noqa: E402
+from headkv.alloc.policies import PolicyContext, build  # noqa: E402
+from headkv.models.common import emit_json  # noqa: E402
+from headkv.models.kv_cache import PerHeadCache, kv_bytes_of  # noqa: E402
+from headkv.models.loading import freeze, model_shape  # noqa: E402
 
 SINK = 4
 
@@ -53,8 +53,8 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, objec
             lm = freeze(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype))
         lm.headkv_id = f"random-init:{args.random_init}"
         return lm, torch.randint(0, cfg.vocab_size, (args.tokens,)), None
-    from models.corpus import long_stream
-    from models.loading import load_model
+    from headkv.models.loading import load_model
+    from headkv.models.text import long_stream
 
     lm, tok = load_model(args.model, args.device, dtype)
     return lm, long_stream(tok, args.corpus, "eval", args.tokens), tok
@@ -71,8 +71,8 @@ def far_heads_allocation(
 ) -> Allocation:
     """Eff.Ctx ``budget``: the ``n_long`` KV heads with the most attention beyond distance ``budget`` (sink
     excluded) on one 512-token train block get ``long_window``; the others share the remaining windows."""
-    from models.attention import attention_maps
-    from models.corpus import token_blocks
+    from headkv.models.attention import attention_maps
+    from headkv.models.text import token_blocks
 
     shape = model_shape(model)
     block = token_blocks(tokenizer, corpus, split="train", seq_len=512, n_blocks=1)[0].to(model.device)
@@ -96,8 +96,8 @@ def retrieval_heads_allocation(
     """Eff.Ctx ``budget``: the ``n_long`` KV heads that look hardest at the needle of passkey tasks built from
     the *train* split (:func:`alloc.passkey.retrieval_scores`) get ``long_window``; the others share the
     rest."""
-    from alloc.passkey import build_tasks, retrieval_scores
-    from models.corpus import long_stream
+    from headkv.alloc.passkey import build_tasks, retrieval_scores
+    from headkv.models.text import long_stream
 
     stream = long_stream(tokenizer, corpus, "train", 20000)
     tasks = [

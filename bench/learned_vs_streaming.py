@@ -27,12 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alloc.allocation import Allocation  # noqa: E402
-from alloc.evaluate import paired_log_ppl_diff  # noqa: E402
-from alloc.frontier import format_saving, saving_bounds, saving_factor, saving_interval  # noqa: E402
-from alloc.policies import family_of  # noqa: E402
-from alloc.results import read_rows  # noqa: E402
-from models.common import atomic_write  # noqa: E402
+from headkv.alloc.allocation import Allocation  # noqa: E402
+from headkv.alloc.evaluate import paired_log_ppl_diff  # noqa: E402
+from headkv.alloc.frontier import format_saving, saving_bounds, saving_factor, saving_interval  # noqa: E402
+from headkv.alloc.policies import family_of  # noqa: E402
+from headkv.alloc.results import read_rows  # noqa: E402
+from headkv.models.common import atomic_write  # noqa: E402
 
 
 def summarize(rows: list[dict]) -> list[dict]:

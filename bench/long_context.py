@@ -76,9 +76,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import flex  # noqa: E402
-from models import window as win  # noqa: E402
-from models.common import emit_json  # noqa: E402
+from headkv.models import flex  # noqa: E402
+from headkv.models import window as win  # noqa: E402
+from headkv.models.common import emit_json  # noqa: E402
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """attend(query (B, Hq, Q, D), key (B, Hkv, K, D), value (B, Hkv, K, D), layer) -> (B, Q, Hq, D)"""
@@ -250,7 +250,7 @@ def mixed_allocation(shape):
     windows spread log-uniformly between 16 and 1020 (quantiles of one per (layer, KV head)), scaled to
     mean 124 (so about 8..523), the rounding remainder on the largest, dealt to the heads in a fixed
     seed-0 permutation so every layer mixes short and long heads."""
-    from alloc.allocation import Allocation
+    from headkv.alloc.allocation import Allocation
 
     n_layers, n_kv = shape.shape
     n = n_layers * n_kv
@@ -270,8 +270,8 @@ def mixed_allocation(shape):
 
 def model_allocation(label: str, learned: str | None, shape):
     """The allocation of a full-model row: None for full attention."""
-    from alloc.allocation import Allocation
-    from alloc.policies import PolicyContext, build
+    from headkv.alloc.allocation import Allocation
+    from headkv.alloc.policies import PolicyContext, build
 
     if label == "full":
         return None
@@ -290,8 +290,8 @@ def full_model_child(spec: dict) -> dict:
     """One (T, allocation, backend) of the evaluator in this (fresh) process: load the model, take one block
     of T tokens, run :func:`alloc.evaluate.evaluate` twice (compile + first, then the timed run)."""
     torch.set_num_threads(spec["threads"])
-    from alloc.evaluate import blocks_for, evaluate
-    from models.loading import load_model, model_shape
+    from headkv.alloc.evaluate import blocks_for, evaluate
+    from headkv.models.loading import load_model, model_shape
 
     model, tok = load_model(spec["model"], device=spec["device"], dtype=getattr(torch, spec["dtype"]))
     shape = model_shape(model)
@@ -317,7 +317,7 @@ def full_model_child(spec: dict) -> dict:
         if bias_gb > spec["max_dense_gb"]:
             return {**row, "skipped": f"bias {bias_gb:.1f} GB > --max-dense-gb {spec['max_dense_gb']}"}
     blocks = blocks_for(tok, spec["corpus"], "eval", t, t)  # one block of T tokens (T - 1 predicted)
-    from models import flex
+    from headkv.models import flex
 
     calls = [0]
     hard = flex.hard_attention
@@ -479,7 +479,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.allocation = names or ["B_streaming_128", "mixed"]
     args.part = args.part or ["attention", "full_model"]
     if args.model is None:
-        from models.loading import OFFLINE_DEFAULT
+        from headkv.models.loading import OFFLINE_DEFAULT
 
         args.model = OFFLINE_DEFAULT
     try:

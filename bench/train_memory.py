@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.common import emit_json  # noqa: E402
+from headkv.models.common import emit_json  # noqa: E402
 
 GIB = 2**30
 
@@ -46,9 +46,9 @@ def child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_step import build  # the same models and blocks as bench/train_step.py
 
-    from alloc.gates import WindowGates
-    from alloc.train import distill_loss
-    from models.loading import model_shape
+    from headkv.alloc.gates import WindowGates
+    from headkv.alloc.train import distill_loss
+    from headkv.models.loading import model_shape
 
     args.device, args.batch = "cpu", 1
     lm, blocks = build(args)

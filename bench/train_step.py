@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alloc.gates import WindowGates  # noqa: E402
-from alloc.train import distill_loss  # noqa: E402
-from models.common import emit_json  # noqa: E402
-from models.loading import freeze, model_shape  # noqa: E402
+from headkv.alloc.gates import WindowGates  # noqa: E402
+from headkv.alloc.train import distill_loss  # noqa: E402
+from headkv.models.common import emit_json  # noqa: E402
+from headkv.models.loading import freeze, model_shape  # noqa: E402
 
 SHAPES = {  # random-init GPT-NeoX shapes (no download)
     "tiny": dict(
@@ -66,8 +66,8 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
         lm = freeze(lm)
         blocks = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len))
     else:
-        from models.corpus import token_blocks
-        from models.loading import load_model
+        from headkv.models.loading import load_model
+        from headkv.models.text import token_blocks
 
         lm, tok = load_model(args.model, args.device, dtype)
         blocks = token_blocks(tok, args.corpus, split="train", seq_len=args.seq_len, n_blocks=args.batch)

@@ -31,8 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from classify import stats as st
-from models.common import HeadkvError, atomic_write
+from headkv.classify import stats as st
+from headkv.models.common import HeadkvError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def collect_query_stats(
     model: Any, blocks: torch.Tensor, rule: ClassifierRule, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, np.ndarray]:
     """Mean over blocks of every statistic per (layer, query head), each (L, Hq)."""
-    from models.attention import captured
+    from headkv.models.attention import captured
 
     if blocks.shape[1] <= rule.q_from:
         raise ProfileError(f"blocks of {blocks.shape[1]} tokens leave no query at t >= {rule.q_from}")

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from alloc.allocation import Allocation, applied
-from models import scoring
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied
+from headkv.models import scoring
+from headkv.models.loading import model_shape
 
 
 def one_head_cut(shape: Any, layer: int, head: int, sink: int, window: int, seq_len: int) -> Allocation:
@@ -60,7 +60,7 @@ def head_sensitivity(
 def rank_report(profile: Any, sensitivity: np.ndarray) -> dict[str, dict[str, float]]:
     """Spearman rho (and p) of sensitivity against the profile's score and every raw KV-head statistic,
     plus the score recomputed under the other GQA rule."""
-    from classify.profile import ClassifierRule, from_stats
+    from headkv.classify.profile import ClassifierRule, from_stats
 
     sens = np.asarray(sensitivity).ravel()
     columns = {"score": profile.score}
@@ -105,8 +105,8 @@ def classify_model(
     (with ``sens_blocks``) each KV head's measured sensitivity with the Spearman check against the scores."""
     from dataclasses import replace
 
-    from classify.profile import collect_query_stats, from_stats
-    from models.loading import model_shape
+    from headkv.classify.profile import collect_query_stats, from_stats
+    from headkv.models.loading import model_shape
 
     shape = model_shape(model)
     tick = (lambda i, n: progress("attention statistics", i, n)) if progress else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from models import window as win
+from headkv.models import window as win
 
 
 def _queries(attn: torch.Tensor, q_from: int) -> torch.Tensor:

@@ -10,14 +10,16 @@ query heads that share a KV head get that KV head's bias. Outside ``windowed`` t
 plain SDPA. Users do not call ``windowed`` with an allocation: :func:`alloc.allocation.applied` is the one
 door that checks an allocation against the model and builds the mask and cache from it.
 
-A mask provider is anything with ``bias(layer, q_pos, k_pos) -> (kv_heads, Q, K)``. Positions default
-to a full cache (keys 0..K-1, the queries the last Q of them). An evicting cache passes itself as
-``positions`` and reports the true absolute positions of the keys it still holds.
+A mask provider is anything with ``bias(layer, q_pos, k_pos) -> (kv_heads, Q, K)`` (:mod:`models.masks`:
+:class:`HardMask`, :class:`SoftMask`). The cache the patch runs with implements :class:`PositionSource`, the
+cache <-> attention contract: :class:`FullCache` by default (keys 0..K-1, the queries the last Q of them), or
+an evicting cache that passes itself as ``positions`` and reports the true absolute positions of the keys it
+still holds. Model-family facts (which families are served, native sliding windows) live in
+:mod:`models.families`.
 
-A position source may also carry two flags. ``evicting = True`` (the per-head cache of
-:mod:`models.kv_cache`): its keys are not transformers' contiguous cache, so transformers' own causal mask
-is bypassed (the registered mask function returns ``None`` and hands the padding mask to the cache) and
-causality comes from the positions alone.
+``evicting = True`` (the per-head cache of :mod:`models.kv_cache`): its keys are not transformers'
+contiguous cache, so transformers' own causal mask is bypassed (the registered mask function returns
+``None`` and hands the padding mask to the cache) and causality comes from the positions alone.
 
 Padded batches: every sequence has its own positions, a real token's position being its index among its
 sequence's real tokens (:func:`models.window.positions`, what ``generate`` derives ``position_ids`` from),
@@ -36,79 +38,49 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models import window as win
-from models.common import HeadkvError
+from headkv.models import window as win
+from headkv.models.common import HeadkvError
+from headkv.models.masks import HardMask, MaskProvider, SoftMask
 
 IMPLEMENTATION = "headkv"
 
 
-class MaskProvider(Protocol):
-    def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """Additive attention bias (kv_heads, Q, K) for one layer."""
-        ...
-
-
+@runtime_checkable
 class PositionSource(Protocol):
+    """The cache <-> attention contract: everything the patch reads from the cache it runs with. Both sides
+    implement it: :class:`FullCache` (the masked forward over transformers' own cache) and
+    ``models.kv_cache.PerHeadCache`` (the evicting cache); the patch reads nothing else from either."""
+
+    evicting: bool  # keys are not transformers' contiguous cache: its causal mask is bypassed (see _mask)
+    reindex: bool  # StreamingLLM's position re-indexing (see Rotary)
+    prefix: bool  # this forward's keys are positions 0..K-1, its queries the last Q (flex may serve it)
+
     def positions(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions of this step's queries (Q,) and of the held keys (K,) or (kv_heads, K)."""
         ...
 
+    def decode_bias(self, layer: int, k_len: int, q_heads: int = 0) -> torch.Tensor | None:
+        """Evicting only, after a one-token write: the bias ((B,) Hkv, 1, K) masking the empty slots of the
+        held keys (each holds exactly the keys the query may see), or None when nothing needs masking."""
+        ...
 
-class HardMask:
-    """The hard mask of per-(layer, KV head) sink and window counts (long tensors (layers, KV heads)), within
-    each layer's native cap (long (layers, KV heads), 0 = none; see :mod:`models.window`)."""
-
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None) -> None:
-        self.sink, self.window, self.cap = sink, window, cap
-
-    def bias(self, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        cap = None if self.cap is None else self.cap[layer]
-        return win.hard_bias(q_pos, k_pos, self.sink[layer], self.window[layer], torch.float32, cap)
-
-
-# decoder families whose attention runs through transformers' attention interface with the standard
-# (query, key, value, mask) contract, tested in tests/test_families.py; anything else is refused
-FAMILIES = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-
-
-def check_family(config) -> None:
-    """Refuse, in one line and before any compute, a model family the patch does not serve."""
-    family = getattr(config, "model_type", "?")
-    if family not in FAMILIES:
-        raise HeadkvError(
-            f"model family '{family}' is not supported by headkv's attention patch "
-            f"(supported: {', '.join(FAMILIES)})"
-        )
-    types = getattr(config, "layer_types", None)
-    unknown = sorted({t for t in types or () if t not in ("full_attention", "sliding_attention")})
-    if unknown:
-        raise HeadkvError(
-            f"model family '{family}' has layer types headkv does not serve: {', '.join(unknown)}"
-        )
-
-
-def native_caps(config) -> tuple[int, ...]:
-    """Each layer's native sliding window (0: full attention), exactly as transformers' mask functions apply
-    it: ``layer_types`` names the sliding layers (Gemma-2/3, Qwen2/3); without it a set ``sliding_window``
-    applies to every layer (Mistral, Phi-3)."""
-    n_layers, window = config.num_hidden_layers, getattr(config, "sliding_window", None) or 0
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return tuple(int(window) if t == "sliding_attention" else 0 for t in types[:n_layers])
-    return (int(window),) * n_layers
+    def note_padding(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
+        """Evicting only: this forward's 2-D padding mask (B, columns), or None (no padding)."""
+        ...
 
 
 class FullCache:
     """Default positions: nothing evicted, queries are the last Q of K keys (optionally re-indexed)."""
 
     evicting = False
+    prefix = True
 
     def __init__(self, reindex: bool = False) -> None:
         self.reindex = reindex
@@ -116,6 +88,12 @@ class FullCache:
     def positions(self, layer: int, q_len: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         k_pos = torch.arange(k_len)
         return k_pos[k_len - q_len :], k_pos
+
+    def decode_bias(self, layer: int, k_len: int, q_heads: int = 0) -> torch.Tensor | None:
+        raise NotImplementedError("a full cache holds every key: the patch masks it in full")
+
+    def note_padding(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
+        raise NotImplementedError("a full cache keeps transformers' own padding mask")
 
 
 class Rotary:
@@ -213,11 +191,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             return _gqa_attention(query, key, value, None, attention_mask, dropout, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
-    quick = getattr(state.positions, "decode_bias", None)
-    if quick is not None and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
+    if state.positions.evicting and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
         # an evicting cache after a one-token write holds exactly the keys this query may see: only its
         # empty slots need masking (None: no mask at all, so SDPA can take its fastest kernel)
-        bias = quick(module.layer_idx, k_len, query.shape[1])  # ((B,) Hkv, 1, K) or None
+        bias = state.positions.decode_bias(module.layer_idx, k_len, query.shape[1])  # ((B,) Hkv, 1, K)|None
         if key.shape[1] == 1 and bias is not None and bias.shape[-3] > 1:  # a ragged layer's flat buffer
             return _flat_attention(query, key, value, bias, dropout, scaling, softcap), None
         if softcap is not None:
@@ -246,7 +223,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if state.rotary is not None:
         query, key, scaling = _reindexed(state, module.layer_idx, query, key, q_pos, k_pos, scaling)
     # transformers' causal/padding mask for the same keys (bypassed for an evicting cache: see _mask)
-    if getattr(state.positions, "evicting", False):
+    if state.positions.evicting:
         attention_mask = None
     if softcap is not None or (bias.requires_grad and state.rotary is None):  # soft-capping; learnable gates
         return _gqa_attention(query, key, value, bias, attention_mask, dropout, scaling, softcap), None
@@ -285,17 +262,15 @@ def _block_sparse(state: _State, query: torch.Tensor) -> bool:
     last Q of the keys), and a kernel that runs here (soft gates that need a gradient: CUDA only)."""
     if state.backend == "dense" or (state.backend == "auto" and query.shape[2] < FLEX_MIN_QUERIES):
         return False
-    prefix = isinstance(state.positions, FullCache) or getattr(state.positions, "prefix", False)
-    if state.rotary is not None or state.padding or not prefix:
+    if state.rotary is not None or state.padding or not state.positions.prefix:
         return False
     masks = state.masks
     if not isinstance(masks, HardMask):
-        window = getattr(masks, "window", None)
-        if window is None or not hasattr(masks, "tau") or masks.sink.is_floating_point():
-            return False  # learned (soft) sinks: the dense soft bias only
-        if window.requires_grad and torch.is_grad_enabled():
+        if not isinstance(masks, SoftMask) or masks.sink.is_floating_point():
+            return False  # another provider, or learned (soft) sinks: the dense soft bias only
+        if masks.window.requires_grad and torch.is_grad_enabled():
             return _flex_trains(query)  # probed: the dense soft bias trains where flex cannot
-    from models import flex
+    from headkv.models import flex
 
     return flex.available(query.device, query.shape[-1], query.dtype)
 
@@ -306,7 +281,7 @@ def soft_trains_on_flex(backend: str, query_len: int, device: torch.device | str
     (then nothing of size T x T is kept for the backward, and the caller need not recompute layers)."""
     if backend == "dense" or (backend == "auto" and query_len < FLEX_MIN_QUERIES):
         return False
-    from models import flex
+    from headkv.models import flex
 
     return flex.trainable(device, head_dim, dtype)
 
@@ -317,7 +292,7 @@ _FELL_BACK: set[tuple] = set()
 def _flex_trains(query: torch.Tensor) -> bool:
     """Whether the soft window trains through FlexAttention here (:func:`models.flex.trainable`); a CUDA
     device where it does not says so once, in one log line, and the dense soft bias takes over."""
-    from models import flex
+    from headkv.models import flex
 
     ok = flex.trainable(query.device, query.shape[-1], query.dtype)
     key = (query.device.type, query.shape[-1], query.dtype)
@@ -332,10 +307,10 @@ def _flex_trains(query: torch.Tensor) -> bool:
 
 def _flex_attention(state: _State, layer: int, query, key, value, scaling, softcap) -> torch.Tensor:
     """The allocation's keys (and the native cap) as a FlexAttention block mask (:mod:`models.flex`)."""
-    from models import flex
+    from headkv.models import flex
 
     masks = state.masks
-    cap = None if getattr(masks, "cap", None) is None else masks.cap[layer]
+    cap = None if masks.cap is None else masks.cap[layer]
     if isinstance(masks, HardMask):
         return flex.hard_attention(query, key, value, masks.sink[layer], masks.window[layer], cap, scaling,
                                    softcap)
@@ -414,7 +389,7 @@ def _mask(*args, **kwargs):
     """
     state = _ACTIVE.get(id(kwargs.get("config")))
     padding = kwargs.get("attention_mask")  # 2-D (B, kv columns), or None: no padding
-    if state is not None and getattr(state.positions, "evicting", False):
+    if state is not None and state.positions.evicting:
         state.positions.note_padding(padding, kwargs["q_length"])
         return None
     mask = sdpa_mask(*args, **kwargs)
@@ -455,7 +430,7 @@ def windowed(
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     rotary = None
-    if getattr(positions, "reindex", False):
+    if positions is not None and positions.reindex:
         if not isinstance(masks, HardMask):
             raise ValueError("position re-indexing needs a hard mask (sink + window per head)")
         rotary = Rotary(model)

@@ -42,7 +42,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from models import window as win
+from headkv.models import window as win
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention

@@ -67,9 +67,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from models import window as win
-from models.attention import is_active_source
-from models.common import HeadkvError
+from headkv.models import window as win
+from headkv.models.attention import is_active_source
+from headkv.models.common import HeadkvError
 
 __all__ = ["DeployError", "HeadLayer", "PerHeadCache", "kv_bytes_of"]
 
@@ -417,6 +417,7 @@ class PerHeadCache(Cache):
     """transformers ``Cache`` holding, per (layer, KV head), only that head's sink + window tokens."""
 
     evicting = True  # tells the attention patch to bypass transformers' contiguous-cache mask
+    prefix = False  # its keys are the held ones, not a prefix: the dense path masks them
 
     def __init__(
         self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None = None, reindex: bool = False

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from models.attention import check_family, native_caps
-from models.common import HeadkvError, atomic_write, cache_dir
+from headkv.models.common import HeadkvError, atomic_write, cache_dir
+from headkv.models.families import check_family, native_caps
 
 log = logging.getLogger(__name__)
 

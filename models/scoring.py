@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.common import HeadkvError
+from headkv.models.common import HeadkvError
 
 CHUNK = 512  # tokens of logits at a time: 512 x 49152 x 4 B = 100 MB for SmolLM2, 537 MB for Gemma-3
 # model types whose CausalLM forward is exactly decoder -> output embedding (-> final soft-capping); each is

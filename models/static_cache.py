@@ -35,9 +35,9 @@ import logging
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from models import window as win
-from models.attention import is_active_source
-from models.common import HeadkvError
+from headkv.models import window as win
+from headkv.models.attention import is_active_source
+from headkv.models.common import HeadkvError
 
 __all__ = ["GraphDecoder", "StaticHeadCache", "StaticLayer"]
 

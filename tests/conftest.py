@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
-from models.loading import freeze
+from headkv.models.loading import freeze
 
 VOCAB = 97
 
@@ -38,7 +38,7 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def smollm():
     """The offline default model and tokenizer (dequantized once, then cached)."""
-    from models.loading import load_model
+    from headkv.models.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -60,7 +60,7 @@ def tok():
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``headkv ARGS`` in-process through the console entry point: (exit code, stdout, stderr)."""
-    import cli
+    from headkv import cli
 
     monkeypatch.setattr(sys, "argv", ["headkv", *args])
     with pytest.raises(SystemExit) as e:

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from alloc.allocation import Allocation, AllocationError
-from alloc.policies import PolicyContext, build
-from models import window as win
+from headkv.alloc.allocation import Allocation, AllocationError
+from headkv.alloc.policies import PolicyContext, build
+from headkv.models import window as win
 
 
 def _varied() -> Allocation:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alloc.allocation import Allocation, AllocationError, applied
-from models.attention import is_clean
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, AllocationError, applied
+from headkv.models.attention import is_clean
+from headkv.models.loading import model_shape
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -92,7 +92,7 @@ def test_allocation_for_another_model_is_refused(tiny):
 
 
 def test_attention_maps_match_eager_attention(tiny):
-    from models.attention import attention_maps
+    from headkv.models.attention import attention_maps
 
     x = torch.randint(0, VOCAB, (1, 24))
     maps = attention_maps(tiny, x)
@@ -106,3 +106,19 @@ def test_attention_maps_match_eager_attention(tiny):
     for m, r in zip(maps, ref, strict=True):
         torch.testing.assert_close(m, r, atol=1e-5, rtol=1e-4)
     assert is_clean(tiny)
+
+
+def test_every_cache_implements_the_cache_attention_contract():
+    """The patch reads a cache only through PositionSource; FullCache, the evicting and the static cache
+    implement it."""
+    from headkv.models.attention import FullCache, PositionSource
+    from headkv.models.kv_cache import PerHeadCache
+    from headkv.models.static_cache import StaticHeadCache
+
+    sink, window = torch.zeros(1, 2, dtype=torch.long), torch.full((1, 2), 4, dtype=torch.long)
+    evicting = PerHeadCache(sink, window)
+    static = StaticHeadCache(sink, window, None, 16, q_heads=2)
+    for cache in (FullCache(), FullCache(reindex=True), evicting, static):
+        assert isinstance(cache, PositionSource)
+    assert evicting.evicting and static.evicting and not FullCache().evicting
+    assert FullCache().prefix and not evicting.prefix

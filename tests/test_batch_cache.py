@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alloc.allocation import Allocation, applied
-from alloc.passkey import greedy
-from models import window as win
-from models.attention import is_clean
-from models.kv_cache import PerHeadCache
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied
+from headkv.alloc.passkey import greedy
+from headkv.models import window as win
+from headkv.models.attention import is_clean
+from headkv.models.kv_cache import PerHeadCache
+from headkv.models.loading import model_shape
 from tests.conftest import VOCAB
 from tests.test_kv_cache import random_alloc
 

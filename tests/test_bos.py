@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from alloc.passkey import build_task
-from models.corpus import bos_id, long_stream, token_blocks
+from headkv.alloc.passkey import build_task
+from headkv.models.text import bos_id, long_stream, token_blocks
 from tests.test_passkey import make_tiny_dir
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from classify import stats as st
-from classify.profile import (
+from headkv.classify import stats as st
+from headkv.classify.profile import (
     LABELS,
     ClassifierRule,
     HeadProfile,
@@ -17,9 +17,9 @@ from classify.profile import (
     from_stats,
     kv_reduce,
 )
-from classify.sensitivity import class_sensitivity, head_sensitivity, one_head_cut, rank_report
-from models.attention import captured, is_clean
-from models.loading import model_shape
+from headkv.classify.sensitivity import class_sensitivity, head_sensitivity, one_head_cut, rank_report
+from headkv.models.attention import captured, is_clean
+from headkv.models.loading import model_shape
 
 T = 40
 

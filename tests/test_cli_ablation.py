@@ -8,7 +8,7 @@ import json
 import numpy as np
 import yaml
 
-from classify.profile import HeadProfile
+from headkv.classify.profile import HeadProfile
 from tests.conftest import run_cli as run
 
 
@@ -64,8 +64,8 @@ def test_misshapen_or_missing_profile_is_refused_in_one_line(monkeypatch, capsys
 
 def test_two_allocation_files_with_one_policy_name_stay_two_rows(tmp_path):
     """Two seeds of learned_b64 must not collapse into one row of a sweep or an evaluation."""
-    from alloc.allocation import Allocation
-    from models.loading import model_shape
+    from headkv.alloc.allocation import Allocation
+    from headkv.models.loading import model_shape
     from tests.conftest import tiny_model
 
     lm = tiny_model("llama")
@@ -75,14 +75,14 @@ def test_two_allocation_files_with_one_policy_name_stay_two_rows(tmp_path):
         alloc = Allocation.uniform(shape.shape, 4, 12, model_id=shape.model_id, q_per_kv=shape.q_per_kv,
                                    meta={"policy": "learned_b64", "run_id": run_id})
         paths.append(str(alloc.save(tmp_path / run_id / "allocation.json")))
-    from alloc.policies import PolicyContext, resolve
+    from headkv.alloc.policies import PolicyContext, resolve
 
     ctx = PolicyContext(shape.shape, shape.q_per_kv, shape.model_id)
     assert [e.label for e in resolve(ctx, [], paths)] == ["learned_b64@seed0", "learned_b64@seed1"]
 
 
 def test_error_bars_never_negative_when_an_interval_misses_its_point():
-    from alloc.plots import _bars
+    from headkv.alloc.plots import _bars
 
     rows = [{"ppl": 10.0, "ppl_lo": 9.0, "ppl_hi": 12.0}, {"ppl": 10.0, "ppl_lo": 10.5, "ppl_hi": 11.0},
             {"ppl": 5.0, "ppl_lo": float("nan"), "ppl_hi": 4.0}]

@@ -19,7 +19,7 @@ def test_help_explains_every_option(monkeypatch, capsys):
     assert code == 0
     from dataclasses import fields
 
-    from alloc.config import EvaluateConfig
+    from headkv.alloc.config import EvaluateConfig
 
     for opt in (f.name for f in fields(EvaluateConfig)):
         assert "--" + opt.replace("_", "-") in out

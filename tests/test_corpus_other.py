@@ -1,4 +1,4 @@
-"""Tests for the offline non-fiction corpora of models.corpus: ``pydoc`` and ``debian-reference``.
+"""Tests for the offline non-fiction corpora of headkv.models.text: ``pydoc`` and ``debian-reference``.
 
 ``pydoc`` is the standard library's ``pydoc_data.topics``; ``debian-reference`` comes from
 ``fetch_debian_reference()`` (default cache; ``.ci/setup`` fetches it, otherwise the first run downloads the
@@ -14,16 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import common, corpus
-from models.corpus import (
+from headkv.models import common
+from headkv.models.text import (
     NONFICTION_SOURCES,
     CorpusError,
     describe,
     fetch_debian_reference,
+    htmltext,
     load_documents,
     long_stream,
+    sources,
     token_blocks,
+    tokens,
 )
+from headkv.models.text import blocks as text_blocks
 
 TAG = re.compile(
     r"</?(?:html|head|body|div|p|a|span|code|pre|table|tr|td|th|h[1-6]|li|ul|dl|dt|dd|em|strong)\b"
@@ -33,7 +37,7 @@ ENTITY = re.compile(r"&(?:amp|lt|gt|quot|nbsp|#\d+);")
 
 @pytest.fixture(scope="module")
 def debref() -> Path:
-    cached = common.cache_dir() / "debian-reference" / corpus.DEBIAN_REFERENCE_MANIFEST
+    cached = common.cache_dir() / "debian-reference" / sources.DEBIAN_REFERENCE_MANIFEST
     if not cached.is_file() and (shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None):
         pytest.skip("debian-reference is not cached and apt-get/dpkg-deb are unavailable to fetch it")
     return fetch_debian_reference()
@@ -47,7 +51,7 @@ def source(request) -> str:
 
 
 def test_splits_partition_the_documents(source):
-    everything = corpus._nonfiction_documents(source)
+    everything = sources._nonfiction_documents(source)
     evals, trains = load_documents(source, "eval"), load_documents(source, "train")
     assert evals == everything[0::2] and trains == everything[1::2]  # alternate documents
     assert not set(evals) & set(trains)
@@ -68,21 +72,21 @@ def test_text_is_long_clean_prose(source):
 def test_pydoc_is_the_sorted_topics():
     from pydoc_data.topics import topics
 
-    names = [name for name, _ in corpus._pydoc_topics()]
+    names = [name for name, _ in sources._pydoc_topics()]
     assert names == sorted(names) and len({topics[n] for n in names}) == len(names) == len(
         set(topics.values())
     )
     assert ("if" in names) != ("else" in names) or topics["if"] != topics["else"]  # a shared text kept once
-    docs = corpus._nonfiction_documents("pydoc")
+    docs = sources._nonfiction_documents("pydoc")
     assert len(docs) == len(names) and docs[names.index("with")].startswith('The "with" statement')
     assert "__enter__()" in docs[names.index("with")]  # no _italics_ rule for dunder names
 
 
 def test_debian_reference_chapters_in_book_order(debref):
-    pages = (debref / corpus.DEBIAN_REFERENCE_MANIFEST).read_text().split()
+    pages = (debref / sources.DEBIAN_REFERENCE_MANIFEST).read_text().split()
     assert pages[0].startswith("pr01") and pages[1].startswith("ch01") and pages[-1].startswith("ap")
     assert len(pages) >= 10 and "index.en.html" not in pages
-    docs = corpus._nonfiction_documents("debian-reference")
+    docs = sources._nonfiction_documents("debian-reference")
     assert docs[1].startswith("Chapter 1. GNU/Linux tutorials")
     assert "Table of Contents" not in docs[1]  # per-chapter TOC dropped
     assert "$ cd; mkfifo mypipe\n$ echo" in docs[1]  # a <pre> block keeps its lines
@@ -90,7 +94,7 @@ def test_debian_reference_chapters_in_book_order(debref):
 
 
 def test_fetch_is_reused_and_needs_apt(debref, tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sources.shutil, "which", lambda name: None)
     assert fetch_debian_reference() == debref  # cached: no tool needed
     with pytest.raises(CorpusError, match="apt-get") as info:
         fetch_debian_reference(tmp_path / "elsewhere")
@@ -110,7 +114,7 @@ def test_html_paragraphs():
         <tbody><tr><td><a href="u"> <span>mc</span> </a></td><td> 12 </td></tr></tbody></table></div>
       <ul><li><p>one</p></li><li>two</li></ul></div>
       <div class="navfooter"><p>Next</p></div></body></html>"""
-    assert corpus.html_paragraphs(html) == [
+    assert htmltext.html_paragraphs(html) == [
         "Chapter 9. Tips",
         "Use ls & friends. Really.",
         "$ ls -l\ntotal 0\n  drwx  x",
@@ -124,28 +128,28 @@ def test_html_paragraphs():
 def test_token_blocks_are_deterministic_and_splits_disjoint(tok, source, monkeypatch):
     blocks = token_blocks(tok, source, "eval", seq_len=256, n_blocks=4)
     assert blocks.shape == (4, 256) and blocks.dtype == torch.long
-    monkeypatch.setattr(corpus, "_MEMO", {})  # again from the on-disk token cache
+    monkeypatch.setattr(tokens, "_MEMO", {})  # again from the on-disk token cache
     assert torch.equal(token_blocks(tok, source, "eval", seq_len=256, n_blocks=4), blocks)
-    monkeypatch.setattr(corpus, "_MEMO", {})
-    evals = corpus.tokenized_split(tok, source, "eval")
-    again = corpus.tokenize_documents(tok, load_documents(source, "eval"))  # the cache holds the real thing
+    monkeypatch.setattr(tokens, "_MEMO", {})
+    evals = tokens.tokenized_split(tok, source, "eval")
+    again = tokens.tokenize_documents(tok, load_documents(source, "eval"))  # the cache holds the real thing
     assert torch.equal(evals.ids, again.ids) and torch.equal(evals.para_starts, again.para_starts)
     train = token_blocks(tok, source, "train", seq_len=256, n_blocks=4)
     assert not torch.equal(train, blocks)
-    assert evals.ids.numel() > 40_000 and corpus.tokenized_split(tok, source, "train").ids.numel() > 40_000
+    assert evals.ids.numel() > 40_000 and tokens.tokenized_split(tok, source, "train").ids.numel() > 40_000
     stream = long_stream(tok, source, "eval", n_tokens=1000)
     assert torch.equal(stream, evals.ids[:1000])
-    assert corpus.available_blocks(tok, source, "eval", seq_len=1024) >= 16
+    assert text_blocks.available_blocks(tok, source, "eval", seq_len=1024) >= 16
 
 
 def test_token_cache_key_holds_a_content_digest(source, monkeypatch):
-    key = corpus._source_fingerprint(source)
+    key = tokens._source_fingerprint(source)
     assert re.fullmatch(rf"{re.escape(source)}\|sha1=[0-9a-f]{{16}}", key)
-    assert corpus._source_fingerprint(source) == key  # stable
+    assert tokens._source_fingerprint(source) == key  # stable
     if source == "pydoc":
-        topics = corpus._pydoc_topics()
-        monkeypatch.setattr(corpus, "_pydoc_topics", lambda: [*topics[:-1], (topics[-1][0], "changed")])
-        assert corpus._source_fingerprint(source) != key
+        topics = sources._pydoc_topics()
+        monkeypatch.setattr(sources, "_pydoc_topics", lambda: [*topics[:-1], (topics[-1][0], "changed")])
+        assert tokens._source_fingerprint(source) != key
 
 
 def test_unknown_corpus_name_is_one_line(tok):

@@ -12,7 +12,7 @@ import torch
 import yaml
 from test_train import TINY, assets, make_tiny_dir  # noqa: F401  (the module fixture)
 
-from alloc.train import load_checkpoint_meta
+from headkv.alloc.runs import load_checkpoint_meta
 
 HEADKV = Path(sys.executable).parent / "headkv"
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alloc.allocation import Allocation, applied
-from alloc.evaluate import evaluate, paired_log_ppl_diff
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied
+from headkv.alloc.evaluate import evaluate, paired_log_ppl_diff
+from headkv.models.loading import model_shape
 from tests.conftest import VOCAB
 
 

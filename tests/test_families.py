@@ -13,10 +13,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from alloc.allocation import Allocation, applied, kv_bytes
-from models import window as win
-from models.attention import FAMILIES, HeadkvError, check_family, native_caps
-from models.loading import freeze, model_shape
+from headkv.alloc.allocation import Allocation, applied, kv_bytes
+from headkv.models import window as win
+from headkv.models.common import HeadkvError
+from headkv.models.families import FAMILIES, check_family, native_caps
+from headkv.models.loading import freeze, model_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -131,7 +132,7 @@ def test_unsupported_family_is_refused_in_one_line():
 
 
 def test_learned_gates_spend_no_budget_beyond_a_native_window():
-    from alloc.gates import WindowGates
+    from headkv.alloc.gates import WindowGates
 
     native = (SLIDE, 0, SLIDE)
     gates = WindowGates((3, 2), 10.0, 32, sink=4, native=native)
@@ -150,7 +151,7 @@ def test_learned_gates_spend_no_budget_beyond_a_native_window():
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_block_sparse_path_equals_dense(family):
     """FlexAttention's block mask (native caps and soft-capping composed) == the dense reference, fp32."""
-    from models import flex
+    from headkv.models import flex
 
     if not flex.available("cpu", 16):
         pytest.skip("FlexAttention does not compile on this machine")

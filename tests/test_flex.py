@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from models import flex
-from models import window as win
+from headkv.models import flex
+from headkv.models import window as win
 
 D = 64
 ROWS = [1, 7, 100, 10**9]  # windows, mixed over the heads

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from alloc import frontier as fr
-from alloc.bootstrap import (
+from headkv.alloc import frontier as fr
+from headkv.alloc.bootstrap import (
     N_BOOT,
     block_sums,
     boot_ppl,
@@ -20,8 +20,8 @@ from alloc.bootstrap import (
     ppl_interval,
     resample_index,
 )
-from alloc.evaluate import evaluate, paired_log_ppl_diff
-from alloc.frontier import (
+from headkv.alloc.evaluate import evaluate, paired_log_ppl_diff
+from headkv.alloc.frontier import (
     compare,
     compare_all,
     comparison_table,
@@ -33,7 +33,7 @@ from alloc.frontier import (
     saving_interval,
     verdict,
 )
-from alloc.policies import family_of
+from headkv.alloc.policies import family_of
 
 CHUNK = 128
 
@@ -297,13 +297,13 @@ SUBSETS = {
 
 @pytest.mark.parametrize("subset", list(SUBSETS))
 def test_plot_all_on_any_subset_of_rows(subset, tmp_path, caplog):
-    from alloc.plots import plot_all
+    from headkv.alloc.plots import plot_all
 
     keep, expected = SUBSETS[subset]
     rows = _sweep(n_blocks=1) if keep is None else [r for r in _sweep() if keep(r)]
     if subset == "learned only":  # a second seed, and a row that states no family
         rows.append({**rows[0], "name": "learned_b8@seed1", "ppl": rows[0]["ppl"] * 1.01, "family": None})
-    with caplog.at_level(logging.INFO, logger="alloc.plots"):
+    with caplog.at_level(logging.INFO, logger="headkv.alloc.plots"):
         paths = plot_all(rows, tmp_path / "fig")
     assert [p.name for p in paths] == [f"{n}.png" for n in expected]
     assert all(p.exists() and p.read_bytes()[:4] == b"\x89PNG" for p in paths)

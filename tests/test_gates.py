@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from alloc.allocation import Allocation, applied
-from alloc.gates import GateError, SoftMask, WindowGates, budget_windows, round_to_budget
-from alloc.policies import PolicyContext, build
-from models.attention import windowed
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied
+from headkv.alloc.gates import GateError, SoftMask, WindowGates, budget_windows, round_to_budget
+from headkv.alloc.policies import PolicyContext, build
+from headkv.models.attention import windowed
+from headkv.models.loading import model_shape
 
 SEQ = 64
 
@@ -165,7 +165,7 @@ def test_broadcast_gqa_attention_has_sdpa_gradients():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from models.attention import _gqa_attention
+    from headkv.models.attention import _gqa_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 16, 8, generator=gen, dtype=torch.float64) for h in (6, 2, 2))
@@ -224,7 +224,7 @@ def test_learned_sinks_count_in_the_budget_and_get_gradients():
 
 
 def test_soft_sinks_become_the_hard_sinks_as_tau_goes_to_zero():
-    from models import window as win
+    from headkv.models import window as win
 
     t = torch.arange(40)
     sink, window = torch.tensor([0, 3, 9]), torch.tensor([5, 2, 11])

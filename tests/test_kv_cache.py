@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alloc.allocation import Allocation, AllocationError, applied
-from models import window as win
-from models.attention import is_clean
-from models.kv_cache import RESERVE, PerHeadCache
-from models.loading import freeze, model_shape
+from headkv.alloc.allocation import Allocation, AllocationError, applied
+from headkv.models import window as win
+from headkv.models.attention import is_clean
+from headkv.models.kv_cache import RESERVE, PerHeadCache
+from headkv.models.loading import freeze, model_shape
 from tests.conftest import VOCAB, tiny_config, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -73,8 +73,8 @@ def test_masked_forward_equals_evicting_decode(arch):
 def test_flat_decode_equals_the_padded_copy(tiny, monkeypatch):
     """A ragged layer of few KV heads decodes over its flat buffer (every head's segment, each head masked
     to its own); with that path off it gathers a padded copy. Both equal the masked forward."""
-    import models.attention as attention
-    import models.kv_cache as kv_cache
+    import headkv.models.attention as attention
+    import headkv.models.kv_cache as kv_cache
 
     alloc = random_alloc(tiny, seed=5)
     x = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(6))
@@ -126,7 +126,7 @@ def test_generate_and_decode_loop_match_masked_recompute(tiny):
     assert cache.bytes_held() == alloc.kv_bytes(
         cache.get_seq_length(), model_shape(tiny).head_dim, torch.float32
     )
-    from alloc.passkey import greedy
+    from headkv.alloc.passkey import greedy
 
     assert torch.equal(greedy(tiny, alloc, prompt, 40, prefill_chunk=8), ref[:, 20:])
     assert is_clean(tiny)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from models.loading import GEMMA3_270M, OFFLINE_MODELS
+from headkv.models.loading import GEMMA3_270M, OFFLINE_MODELS
 from tests.conftest import run_cli
 
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from alloc.passkey import NEEDLE, QUESTION, build_tasks, is_correct
-from alloc.plots import passkey_heatmaps
-from alloc.results import read_rows
+from headkv.alloc.passkey import NEEDLE, QUESTION, build_tasks, is_correct
+from headkv.alloc.plots import passkey_heatmaps
+from headkv.alloc.results import read_rows
 
 
 def cli_run(*args: str) -> SimpleNamespace:
     """``headkv ARGS`` through the console entry point, in process (no interpreter start-up per call)."""
-    import cli
+    from headkv import cli
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with redirect_stdout(out), redirect_stderr(err), mock.patch.object(sys, "argv", ["headkv", *args]):
@@ -145,8 +145,8 @@ def test_cli_passkey_runs_resumes_and_refuses_too_long(tiny_dir):
 
 
 def test_retrieval_scores_are_attention_mass_on_the_needle(tiny):
-    from alloc.passkey import PasskeyTask, retrieval_scores
-    from models.loading import model_shape
+    from headkv.alloc.passkey import PasskeyTask, retrieval_scores
+    from headkv.models.loading import model_shape
 
     ids = torch.randint(0, 97, (30,))
     whole = retrieval_scores(tiny, [PasskeyTask(ids, "12345", 0.5, 30, (0, 30))])

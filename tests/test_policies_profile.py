@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from alloc.allocation import Allocation, AllocationError
-from alloc.policies import TYPE_WINDOWS, PolicyContext, build, families
-from classify.profile import HeadProfile
+from headkv.alloc.allocation import Allocation, AllocationError
+from headkv.alloc.policies import TYPE_WINDOWS, PolicyContext, build, families
+from headkv.classify.profile import HeadProfile
 
 STUDY_COUNTS = {"positional": 370, "mixed": 566, "gathering": 88}
 
@@ -93,7 +93,7 @@ def test_profile_families_refuse_a_missing_or_misshapen_profile():
 def test_controls_keep_the_budget_and_destroy_the_structure():
     """shuffled: the same multiset of (sink, window) pairs, moved across heads (only among layers of the
     same native cap); layer_mean: every layer flat (within one token), the total window kept exactly."""
-    from alloc.policies import CONTROLS, control
+    from headkv.alloc.policies import CONTROLS, control
 
     gen = torch.Generator().manual_seed(1)
     window = torch.randint(1, 200, (6, 3), generator=gen)

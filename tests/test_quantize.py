@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from alloc.allocation import Allocation, AllocationError
-from alloc.quantize import _segments, quantize
+from headkv.alloc.allocation import Allocation, AllocationError
+from headkv.alloc.quantize import _segments, quantize
 
 
 def _random(seed: int, shape: tuple[int, int] = (6, 4), sinks: tuple[int, ...] = (4,)) -> Allocation:
@@ -190,8 +190,8 @@ def test_the_file_loads_back_as_an_ordinary_allocation(tmp_path):
 
 
 def test_a_quantized_allocation_evaluates_on_a_tiny_model():
-    from alloc.evaluate import evaluate
-    from models.loading import model_shape
+    from headkv.alloc.evaluate import evaluate
+    from headkv.models.loading import model_shape
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")

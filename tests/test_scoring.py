@@ -19,11 +19,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from alloc.gates import WindowGates
-from alloc.train import distill_loss
-from models import scoring
-from models.attention import is_clean
-from models.loading import freeze, model_shape
+from headkv.alloc.gates import WindowGates
+from headkv.alloc.train import distill_loss
+from headkv.models import scoring
+from headkv.models.attention import is_clean
+from headkv.models.loading import freeze, model_shape
 
 VOCAB = 101
 T = 37  # with CHUNK = 8: four full chunks and a short one

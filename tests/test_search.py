@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import alloc.search as search
-from alloc.allocation import Allocation
-from alloc.config import SearchConfig, load
-from alloc.search import SearchError, nearest, next_budget, prepare, run_search, summary
-from alloc.train import load_checkpoint_meta
-from models.loading import load_model, model_shape
+import headkv.alloc.search as search
+from headkv.alloc.allocation import Allocation
+from headkv.alloc.config import SearchConfig, load
+from headkv.alloc.runs import load_checkpoint_meta
+from headkv.alloc.search import SearchError, nearest, next_budget, prepare, run_search, summary
+from headkv.models.loading import load_model, model_shape
 from tests.test_passkey import cli_run, make_tiny_dir
 
 TRAIN_YAML = ("max_steps: 2\nval_blocks: 1\neval_every: 1\nlog_every: 1\nckpt_every: 1\nlr: 0.3\n"

@@ -14,9 +14,9 @@ from conftest import tiny_model
 from test_families import mixed
 from test_families import tiny as family_model
 
-from alloc.allocation import Allocation, AllocationError, applied
-from models.loading import model_shape
-from models.static_cache import GraphDecoder, StaticError
+from headkv.alloc.allocation import Allocation, AllocationError, applied
+from headkv.models.loading import model_shape
+from headkv.models.static_cache import GraphDecoder, StaticError
 
 
 def varied(model, seed: int = 0) -> Allocation:

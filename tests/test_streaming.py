@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from alloc.allocation import Allocation, applied
-from alloc.evaluate import evaluate
-from alloc.results import read_rows
-from alloc.streaming import stream_nll
-from models.loading import model_shape
+from headkv.alloc.allocation import Allocation, applied
+from headkv.alloc.evaluate import evaluate
+from headkv.alloc.results import read_rows
+from headkv.alloc.streaming import stream_nll
+from headkv.models.loading import model_shape
 from tests.conftest import VOCAB
 from tests.test_kv_cache import random_alloc
 from tests.test_passkey import cli_run as _cli
@@ -53,7 +53,7 @@ def test_offline_default_streaming_equals_masked_evaluator(smollm):
     g = torch.Generator().manual_seed(25)
     window = torch.randint(6, 32, s.shape, generator=g)
     alloc = Allocation.from_tensors(torch.full(s.shape, 4), window, model_id=s.model_id, q_per_kv=s.q_per_kv)
-    from models.corpus import token_blocks
+    from headkv.models.text import token_blocks
 
     x = token_blocks(tok, "austen", "eval", seq_len=65, n_blocks=1)[0]
     ref = evaluate(model, alloc, x.view(1, -1))

@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from alloc.allocation import AllocationError
-from alloc.frontier import compare, compare_all, interpolate, verdict
-from alloc.policies import PolicyContext, resolve
-from alloc.results import read_rows
-from alloc.sweep import expand, run_sweep
-from classify.profile import ClassifierRule, collect_query_stats, from_stats
-from models.loading import model_shape
+from headkv.alloc.allocation import AllocationError
+from headkv.alloc.frontier import compare, compare_all, interpolate, verdict
+from headkv.alloc.policies import PolicyContext, resolve
+from headkv.alloc.results import read_rows
+from headkv.alloc.sweep import expand, run_sweep
+from headkv.classify.profile import ClassifierRule, collect_query_stats, from_stats
+from headkv.models.loading import model_shape
 
 TESTS = Path(__file__).parent
 NAMES = ["full", "A_window_8", "B_streaming_8", "B_streaming_16", "B_streaming_32", "K_uniform8_aware"]
@@ -85,7 +85,7 @@ def test_two_files_with_one_policy_name_never_collide(tmp_path):
     """Two seeds' learned_b64: same label, different content -> two rows, shown under distinct labels."""
     from conftest import tiny_model
 
-    from alloc.allocation import Allocation
+    from headkv.alloc.allocation import Allocation
 
     model, blocks, _ = _setup(tiny_model)
     shape = model_shape(model)
@@ -108,9 +108,9 @@ KILLED_RUN = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_model
-from alloc.policies import PolicyContext, resolve
-from alloc.sweep import run_sweep
-from models.loading import model_shape
+from headkv.alloc.policies import PolicyContext, resolve
+from headkv.alloc.sweep import run_sweep
+from headkv.models.loading import model_shape
 model = tiny_model("llama")
 torch.manual_seed(1)
 blocks = torch.randint(0, 97, (2, 64))
@@ -187,7 +187,7 @@ def test_paired_interval_against_the_frontier():
 def test_plots_draw_six_figures_from_a_tiny_sweep(tmp_path):
     from conftest import tiny_model
 
-    from alloc.plots import plot_all
+    from headkv.alloc.plots import plot_all
 
     model, blocks, _ = _setup(tiny_model)
     rule = ClassifierRule(q_from=8, short=4, long=8)

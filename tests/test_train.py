@@ -16,23 +16,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-import cli
-from alloc.allocation import Allocation
-from alloc.train import (
-    RESUME_KEYS,
-    TrainConfig,
-    TrainError,
-    check_resume,
-    export_checkpoint,
-    fit,
-    load_checkpoint_meta,
-    lr_factor,
-    resume_run_dir,
-    tau_at,
-)
-from models.common import HeadkvError
-from models.corpus import load_documents
-from models.loading import load_model
+from headkv import cli
+from headkv.alloc.allocation import Allocation
+from headkv.alloc.config import TrainConfig, TrainError
+from headkv.alloc.runs import RESUME_KEYS, check_resume, load_checkpoint_meta, resume_run_dir
+from headkv.alloc.train import export_checkpoint, fit, lr_factor, tau_at
+from headkv.models.common import HeadkvError
+from headkv.models.loading import load_model
+from headkv.models.text import load_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -161,9 +152,9 @@ def test_a_cross_entropy_run_is_named_for_its_objective(assets, tiny_lm, tmp_pat
 def test_a_mix_run_and_a_warm_start(assets, tiny_lm, tmp_path):
     """objective mix is the mean of KL and CE per token; init starts the gates from an allocation (a wrong
     model's or a missing file is one TrainError before anything is written)."""
-    from alloc.gates import WindowGates
-    from alloc.train import distill_loss
-    from models.loading import model_shape
+    from headkv.alloc.gates import WindowGates
+    from headkv.alloc.train import distill_loss
+    from headkv.models.loading import model_shape
 
     lm, tok = tiny_lm
     x = torch.randint(0, 100, (1, 32))
@@ -558,8 +549,8 @@ def test_check_resume_lists_every_changed_key_that_changes_the_result():
 def test_passkey_mix_replaces_that_share_of_training_blocks_with_answered_passkey_tasks(assets):
     """--passkey-mix 0.25: a quarter of the training blocks, spread over the run, are needle + question +
     answer on TRAIN-split filler (the held-out blocks stay text); the rest is the plain run's blocks."""
-    from alloc.passkey import NEEDLE, QUESTION
-    from alloc.train import TrainBlocks
+    from headkv.alloc.passkey import NEEDLE, QUESTION
+    from headkv.alloc.train import TrainBlocks
 
     tok = AutoTokenizer.from_pretrained(str(assets["model"]))
     plain = TrainBlocks(tok, config(assets, seq_len=96, max_steps=8))
@@ -583,9 +574,9 @@ def test_a_log_edge_run(assets, tiny_lm, tmp_path):
     """--edge log reaches the student's mask (keys far beyond a window keep some weight, so the loss
     differs from the linear edge's at the same windows: tests/test_window.py has the edge itself); a run
     trains and exports under the exact budget with it; its tau must be below 1."""
-    from alloc.gates import WindowGates
-    from alloc.train import distill_loss
-    from models.loading import model_shape
+    from headkv.alloc.gates import WindowGates
+    from headkv.alloc.train import distill_loss
+    from headkv.models.loading import model_shape
 
     lm, tok = tiny_lm
     x = torch.randint(0, 100, (1, 64))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models import window as win
+from headkv.models import window as win
 
 
 def test_allowed_matches_definition():
