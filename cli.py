@@ -381,7 +381,8 @@ def generate(cfg: GenerateConfig) -> None:
         raise DeployError("--reindex needs an allocation: full attention holds every token")
     ids = encode(tok, prompts, None if cfg.reindex else model_shape(lm).max_positions, cfg.max_new_tokens)
     with _bar("generate", len(ids)) as bar:
-        rows = generate_rows(lm, tok, e.allocation, ids, cfg.max_new_tokens, cfg.batch_size, cfg.reindex, bar.update)
+        rows = generate_rows(lm, tok, e.allocation, ids, cfg.max_new_tokens, cfg.batch_size, cfg.reindex, bar.update,
+                             static=cfg.static)
     if cfg.out:
         return typer.echo(save_rows(cfg.out, prompts, rows, e.label, e.source))
     typer.echo(rows[0]["text"] + "\n" + summary(rows[0], e.label))

@@ -172,10 +172,13 @@ class GenerateConfig:
     out: Optional[str] = opt(None, "With --prompts: JSON-lines file, one row per prompt (text, tokens, KV bytes, tokens/s).")
     max_new_tokens: int = opt(48, "Tokens to generate greedily.", lo=1, hi=MAX_TOKENS)
     reindex: bool = opt(False, "StreamingLLM position re-indexing: lets prompts run past the model's context.")
+    static: bool = opt(False, "Fixed-capacity cache, decode steps replayed as a CUDA graph on a GPU (prompts of one batch of equal length).")
     device: str = opt("cpu", DEVICE)
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
 
     def check(self) -> None:
+        if self.static and self.reindex:
+            raise ConfigError("--static and --reindex do not combine (the static cache keeps true positions)")
         if (self.prompt is None) == (self.prompts is None):
             raise ConfigError("give --prompt TEXT or --prompts FILE (exactly one)")
         if self.prompt is not None and not self.prompt:

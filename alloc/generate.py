@@ -23,6 +23,7 @@ from headkv.models import window as win
 from headkv.models.common import atomic_write
 from headkv.models.kv_cache import DeployError, kv_bytes_of
 from headkv.models.loading import model_shape
+from headkv.models.static_cache import GraphDecoder
 
 
 def encode(tokenizer: Any, prompts: list[str], positions: int | None, new_tokens: int) -> list[list[int]]:
@@ -62,11 +63,14 @@ def generate_rows(
     reindex: bool = False,
     on_batch: Callable[[int], None] | None = None,
     prefill_chunk: int = 512,
+    static: bool = False,
 ) -> list[dict[str, Any]]:
     """Greedy continuations of the token-id ``prompts``, ``batch_size`` at a time; one row per prompt.
 
     All but the last prompt token are prefilled ``prefill_chunk`` at a time (a long prompt never needs a
-    quadratic mask), then ``generate`` continues from the filled cache."""
+    quadratic mask), then ``generate`` continues from the filled cache. ``static``: the fixed-capacity cache
+    instead (:mod:`models.static_cache`: one prefill, then decode steps replayed as a CUDA graph on a GPU;
+    the prompts of a batch must have one length); its KV bytes held are the tensors it allocated."""
     shape = model_shape(model)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -81,13 +85,16 @@ def generate_rows(
         start = time.perf_counter()
         ids, mask = ids.to(model.device), mask.to(model.device)
         pos = win.positions(mask.bool()).clamp(min=0)  # generate's position ids (padding at 0)
-        with applied(model, allocation, evict=True, reindex=reindex) as cache:
-            for a in range(0, ids.shape[1] - 1, prefill_chunk):
-                b = min(a + prefill_chunk, ids.shape[1] - 1)
-                model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], cache=cache,
-                      use_cache=True)
-            out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
+        if static:
+            out, cache = _static_greedy(model, allocation, ids, mask, max_new_tokens)
+        else:
+            with applied(model, allocation, evict=True, reindex=reindex) as cache:
+                for a in range(0, ids.shape[1] - 1, prefill_chunk):
+                    b = min(a + prefill_chunk, ids.shape[1] - 1)
+                    model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], cache=cache,
+                          use_cache=True)
+                out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad)
         wall = time.perf_counter() - start
         new = out[:, ids.shape[1] :].tolist()
         lengths = [next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq)) for seq in new]
@@ -106,6 +113,22 @@ def generate_rows(
         if on_batch:
             on_batch(len(batch))
     return rows
+
+
+def _static_greedy(
+    model: PreTrainedModel, allocation: Allocation | None, ids: torch.Tensor, mask: torch.Tensor,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, Any]:
+    """Greedy tokens through the static cache: (prompt + new ids, the cache after them)."""
+    if not bool(mask.all()):
+        raise DeployError("--static needs the prompts of a batch to have one length (use --batch-size 1)")
+    max_len = ids.shape[1] + max_new_tokens
+    with applied(model, allocation, evict=True, static=max_len, backend="auto") as cache:
+        nxt = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        new, step = [nxt], GraphDecoder(model, cache).step
+        while len(new) < max_new_tokens:  # the last new token is never written to the cache
+            new.append(step(new[-1]).argmax(-1, keepdim=True))
+    return torch.cat([ids, *new], 1), cache
 
 
 def read_prompts(path: str) -> list[str]:

@@ -42,3 +42,24 @@ def test_batched_rows_equal_each_prompt_alone(tiny_dir, tmp_path, policy):
             else:
                 assert held == predicted
     assert all(r["tokens_per_s"] > 0 and r["tokens"] >= 1 for r in batched)
+
+
+@pytest.mark.parametrize("policy", ["B_streaming_16", "full"])
+def test_static_generation_writes_the_evicting_caches_text(tiny_dir, tmp_path, policy):
+    """--static (fixed capacity, CUDA-graph decode on a GPU) continues each prompt as the evicting cache
+    does; a batch of unequal prompts is refused in one line."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    texts = {}
+    for static in (False, True):
+        out = tmp_path / f"s{static}.jsonl"
+        flags = ["--static"] if static else []
+        r = cli_run("generate", "--model", str(tiny_dir / "model"), "--policy", policy, "--prompts",
+                    str(prompts), "--out", str(out), "--max-new-tokens", "20", *flags)
+        assert r.returncode == 0, r.stderr
+        texts[static] = [json.loads(x)["text"] for x in out.read_text().splitlines()]
+    assert texts[True] == texts[False]
+    out = tmp_path / "refused.jsonl"
+    r = cli_run("generate", "--model", str(tiny_dir / "model"), "--policy", policy, "--prompts", str(prompts),
+                "--out", str(out), "--batch-size", "2", "--static")
+    assert r.returncode == 2 and "one length" in r.stderr and not out.exists()
