@@ -41,6 +41,7 @@ _LAZY = {
     "Allocation": ("headkv.alloc.allocation", "Allocation"),
     "AllocationError": ("headkv.alloc.allocation", "AllocationError"),
     "EvalResult": ("headkv.alloc.evaluate", "EvalResult"),
+    "GraphDecoder": ("headkv.models.static_cache", "GraphDecoder"),
     "HeadkvError": ("headkv.models.common", "HeadkvError"),
     "TrainConfig": ("headkv.alloc.config", "TrainConfig"),
     "load_model": ("headkv.models.loading", "load_model"),
@@ -48,7 +49,7 @@ _LAZY = {
     "token_blocks": ("headkv.models.text", "token_blocks"),
     "long_stream": ("headkv.models.text", "long_stream"),
 }
-MODES = ("evict", "mask")
+MODES = ("evict", "mask", "static")
 
 __all__ = ["MODES", "__version__", "apply", "evaluate", "policy", "train", *sorted(_LAZY)]
 
@@ -101,7 +102,8 @@ def _allocation(model: Any, allocation: Any) -> Allocation | None:
 
 @contextmanager
 def apply(
-    model: Any, allocation: Any, *, mode: str = "evict", reindex: bool = False, backend: str = "dense"
+    model: Any, allocation: Any, *, mode: str = "evict", reindex: bool = False, backend: str = "dense",
+    max_len: int | None = None,
 ) -> Iterator[Any]:
     """Run ``model`` under ``allocation`` (an Allocation, a policy name, an allocation file, or None = full
     attention) inside the block; everything is undone on exit (the one door:
@@ -111,14 +113,19 @@ def apply(
     head's sink + window; pass it to the model (``model.generate(ids, cache=cache)``). ``mode="mask"``: the
     masked forward over a full cache, exactly what :func:`evaluate` scores; yields None. ``reindex``:
     StreamingLLM's position re-indexing (evict only). ``backend``: the masked forward's kernel, dense, flex
-    or auto."""
+    or auto. ``mode="static"`` (the GPU serving path): the fixed-capacity cache for at most ``max_len``
+    tokens per sequence (one prefill, then one token per step), whose steps :class:`GraphDecoder` replays
+    as a CUDA graph."""
     from headkv.alloc.allocation import applied
     from headkv.models.common import HeadkvError
 
     if mode not in MODES:
         raise HeadkvError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if (mode == "static") != (max_len is not None):
+        raise HeadkvError("max_len goes with mode='static' (the most tokens a sequence will hold)")
     alloc = _allocation(model, allocation)
-    with applied(model, alloc, evict=mode == "evict", reindex=reindex, backend=backend) as cache:
+    evict = mode != "mask"
+    with applied(model, alloc, evict=evict, reindex=reindex, backend=backend, static=max_len) as cache:
         yield cache
 
 
