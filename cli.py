@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 import typing
@@ -47,7 +48,7 @@ from alloc.config import (
     check_output,
     load,
 )
-from models.common import HeadkvError
+from models.common import HeadkvError, printable
 
 app = typer.Typer(help="Head-aware KV-cache compression: classify heads, evaluate, learn and deploy per-head "
                   "sink+window allocations.", no_args_is_help=True, add_completion=False,
@@ -71,21 +72,26 @@ def main() -> None:
     except typer.TyperException as e:  # the option parser's usage errors (typer's own click)
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.exit(typer.echo(e.format_message()) or 0)
-        sys.exit(typer.echo(f"error: {(e.format_message() or type(e).__name__).splitlines()[0]}", err=True) or 2)
+        sys.exit(typer.echo(f"error: {_line(e.format_message() or type(e).__name__)}", err=True) or 2)
     except (HeadkvError, OSError) as e:
-        sys.exit(typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True) or 2)
+        sys.exit(typer.echo(f"error: {_line(str(e) or type(e).__name__)}", err=True) or 2)
     except (KeyboardInterrupt, typer.Abort):
         typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
         sys.exit(130)
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("HEADKV_DEBUG"):
             raise
-        typer.echo(f"error: internal {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        typer.echo(f"error: internal {type(e).__name__}: {_line(str(e))} "
                    "(HEADKV_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into exit code 130
         typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _line(message: str) -> str:
+    """The first line of ``message``, its control characters escaped (names from files may hold any)."""
+    return printable(message.splitlines()[0] if message else "")
 
 
 def command(cls: type, *, config_arg: bool = False, extra: Callable[..., Any] | None = None):
@@ -142,6 +148,25 @@ def _load_model(cfg: Any, seq_len: int | None = None):
     return lm, tok
 
 
+_INPUTS = ("allocation", "profile", "corpus", "prompts", "checkpoint")  # options that name input files
+
+
+def _check_out(cfg: Any, own: str) -> None:
+    """``check_output(cfg.out)``: not one of the command's input files, and an existing file only when it is
+    ``own``'s kind (results rows, generate rows, an allocation, a head profile), so nothing else is lost."""
+    from alloc.allocation import Allocation
+    from alloc.results import check_results
+    from classify.profile import HeadProfile
+
+    kinds = {"results": ("a headkv results file", check_results),
+             "generate": ("a file of `headkv generate` rows", lambda p: check_results(p, ("generate",))),
+             "allocation": ("an allocation file", Allocation.load),
+             "profile": ("a head profile", HeadProfile.load)}
+    names = [getattr(cfg, k, None) for k in _INPUTS]
+    inputs = [p for v in names if v for p in (v if isinstance(v, list) else [v])]
+    check_output(cfg.out, inputs=inputs, own=kinds[own])
+
+
 def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str], controls=()) -> list[Any]:
     """Every policy name and allocation file (and its controls), resolved and checked against the model."""
     from alloc.policies import PolicyContext, needs_profile, resolve
@@ -193,9 +218,9 @@ def evaluate(cfg: EvaluateConfig) -> None:
     """Score full attention and per-head allocations with the one evaluator, print a table, append JSON lines."""
     from alloc.evaluate import blocks_for, result_table
     from alloc.evaluate import evaluate as run_eval
-    from alloc.results import append_row, measurement_key, model_identity, tokens_digest
+    from alloc.results import append_row, done_keys, measurement_key, model_identity, tokens_digest
 
-    check_output(cfg.out)
+    _check_out(cfg, "results")
     lm, tok = _load_model(cfg, cfg.seq_len if cfg.mode == "masked" else None)
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}"
@@ -203,14 +228,18 @@ def evaluate(cfg: EvaluateConfig) -> None:
         return _evaluate_streaming(cfg, lm, tok, entries)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     conditions = {"kind": "evaluate", **model_identity(lm), "tokens_digest": tokens_digest(blocks), "bos": _bos(tok)}
-    results = []
+    results, done = [], done_keys(cfg.out, "evaluate")
     for e in entries:
+        key = measurement_key(e.allocation, conditions)
+        if key in done:  # a rerun resumes: the rows measured before are kept, not written twice
+            typer.echo(f"{e.label}: already measured in {cfg.out}, skipped (use another --out to rerun)", err=True)
+            continue
         with _bar(e.label, len(blocks)) as bar:
             res = run_eval(lm, e.allocation, blocks, name=e.label, progress=lambda i, n: bar.update(1),
                            backend=cfg.attention)
         results.append(res)
         append_row(cfg.out, {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, **conditions,
-                             "key": measurement_key(e.allocation, conditions), **e.source, **res.to_dict(),
+                             "key": key, **e.source, **res.to_dict(),
                              **_stamp()})
     typer.echo("\n".join(result_table(results)))
     typer.echo(f"appended {len(results)} row(s) to {cfg.out}")
@@ -246,7 +275,7 @@ def classify(cfg: ClassifyConfig) -> None:
     rule = ClassifierRule(tau=cfg.tau, gqa=cfg.gqa)
     if cfg.seq_len <= rule.q_from:
         raise ConfigError(f"--seq-len must exceed {rule.q_from}")
-    check_output(cfg.out)
+    _check_out(cfg, "profile")
     lm, tok = _load_model(cfg, max(cfg.seq_len, cfg.sens_seq_len))
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     sens_blocks = (blocks_for(tok, cfg.corpus, cfg.split, cfg.sens_tokens, cfg.sens_seq_len, cfg.encoding)
@@ -274,7 +303,7 @@ def sweep(cfg: SweepConfig) -> None:
     if not cfg.grid:
         raise ConfigError("'grid' must map policy-name templates to their values")
     names = expand(cfg.grid)
-    check_output(cfg.out)
+    _check_out(cfg, "results")
     lm, tok = _load_model(cfg, cfg.seq_len)
     entries = _entries(lm, names, cfg.allocation, cfg.profile, cfg.controls)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
@@ -321,6 +350,8 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, meta: Optional[dict] 
         run_id = meta["run_id"]
     elif "LOCAL_RANK" in os.environ and os.environ.get("HEADKV_RUN_ID"):  # a DDP child: the parent's run
         run_id = os.environ["HEADKV_RUN_ID"]
+        if not re.fullmatch(r"[\w.-]+", run_id) or set(run_id) == {"."}:
+            raise TrainError(f"HEADKV_RUN_ID {run_id!r} is not a run name (letters, digits, '.', '_', '-')")
     else:
         os.environ.pop("HEADKV_RUN_ID", None)
         run_id = new_run_id(cfg.budget)
@@ -350,7 +381,7 @@ def export(cfg: ExportConfig) -> None:
 
     if not cfg.checkpoint:
         raise ConfigError("give the checkpoint: headkv export CHECKPOINT -o FILE")
-    check_output(cfg.out)
+    _check_out(cfg, "allocation")
     shape = None
     if cfg.model is not None:
         from models.loading import load_model, model_shape
@@ -370,7 +401,7 @@ def quantize(cfg: QuantizeConfig) -> None:
     from alloc.allocation import Allocation
     from alloc.quantize import quantize as to_classes
 
-    check_output(cfg.out)
+    _check_out(cfg, "allocation")
     alloc = Allocation.load(cfg.allocation)
     q = to_classes(alloc, cfg.classes)
     q.save(cfg.out)
@@ -388,7 +419,7 @@ def generate(cfg: GenerateConfig) -> None:
 
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
     if cfg.out:
-        check_output(cfg.out)
+        _check_out(cfg, "generate")
     lm, tok = _load_model(cfg)
     e = _entries(lm, [cfg.policy] if cfg.policy else [], [cfg.allocation] if cfg.allocation else [], cfg.profile)[0]
     if cfg.reindex and e.allocation is None:
@@ -408,7 +439,7 @@ def passkey(cfg: PasskeyConfig) -> None:
     from alloc.plots import passkey_heatmaps
     from models.corpus import long_stream
 
-    check_output(cfg.out)
+    _check_out(cfg, "results")
     check_output(cfg.plots, directory=True)
     lm, tok = _load_model(cfg, max(cfg.length) + 8)
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)

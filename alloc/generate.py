@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied, kv_bytes
 from models import window as win
-from models.common import atomic_write
+from models.common import atomic_write, parse_json
 from models.kv_cache import DeployError, kv_bytes_of
 from models.loading import model_shape
 
@@ -121,8 +121,8 @@ def read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = parse_json(line, f"prompts file {path}, line {n}", DeployError)
+        except DeployError:
             raise DeployError(f"prompts file {path}, line {n}: not JSON (one object per line)") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise DeployError(f"prompts file {path}, line {n}: needs an object with a \"prompt\" string")
@@ -134,7 +134,7 @@ def read_prompts(path: str) -> list[str]:
 
 def save_rows(out: str, prompts: list[str], rows: list[dict[str, Any]], label: str, source: dict) -> str:
     """Write one JSON row per prompt (atomically: all or nothing) and return the summary line."""
-    lines = [json.dumps({"prompt": p, "allocation": label, **source, **r})
+    lines = [json.dumps({"kind": "generate", "prompt": p, "allocation": label, **source, **r})
              for p, r in zip(prompts, rows, strict=True)]
     atomic_write(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     held = sum({r["batch"]: r["batch_kv_bytes_held"] for r in rows}.values())

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from alloc.allocation import Allocation, applied, kv_bytes
-from alloc.results import append_row, measurement_key, model_identity, read_rows, tokens_digest, versions
+from alloc.results import append_row, done_keys, measurement_key, model_identity, tokens_digest, versions
 from models.kv_cache import kv_bytes_of
 from models.loading import model_shape
 
@@ -122,7 +122,7 @@ def run_streams(
     key; returns (new results, labels skipped as already measured)."""
     conditions = {"kind": "streaming", **model_identity(model), "tokens_digest": tokens_digest(stream),
                   "chunk": settings["chunk"], "segment": settings["segment"]}
-    done = {r.get("key") for r in read_rows(out) if r.get("kind") == "streaming"}
+    done = done_keys(out, "streaming")
     results, skipped = [], []
     for e in entries:
         reindex = bool(settings["reindex"]) and e.allocation is not None  # full: nothing to re-index
