@@ -45,10 +45,11 @@ from alloc.config import (
     SweepConfig,
     TrainConfig,
     check_device,
+    check_out,
     check_output,
     load,
 )
-from models.common import HeadkvError, printable
+from models.common import HeadkvError, one_line
 
 app = typer.Typer(help="Head-aware KV-cache compression: classify heads, evaluate, learn and deploy per-head "
                   "sink+window allocations.", no_args_is_help=True, add_completion=False,
@@ -72,26 +73,21 @@ def main() -> None:
     except typer.TyperException as e:  # the option parser's usage errors (typer's own click)
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.exit(typer.echo(e.format_message()) or 0)
-        sys.exit(typer.echo(f"error: {_line(e.format_message() or type(e).__name__)}", err=True) or 2)
+        sys.exit(typer.echo(f"error: {one_line(e.format_message() or type(e).__name__)}", err=True) or 2)
     except (HeadkvError, OSError) as e:
-        sys.exit(typer.echo(f"error: {_line(str(e) or type(e).__name__)}", err=True) or 2)
+        sys.exit(typer.echo(f"error: {one_line(str(e) or type(e).__name__)}", err=True) or 2)
     except (KeyboardInterrupt, typer.Abort):
         typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
         sys.exit(130)
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("HEADKV_DEBUG"):
             raise
-        typer.echo(f"error: internal {type(e).__name__}: {_line(str(e))} "
+        typer.echo(f"error: internal {type(e).__name__}: {one_line(str(e))} "
                    "(HEADKV_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into exit code 130
         typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _line(message: str) -> str:
-    """The first line of ``message``, its control characters escaped (names from files may hold any)."""
-    return printable(message.splitlines()[0] if message else "")
 
 
 def command(cls: type, *, config_arg: bool = False, extra: Callable[..., Any] | None = None):
@@ -148,25 +144,6 @@ def _load_model(cfg: Any, seq_len: int | None = None):
     return lm, tok
 
 
-_INPUTS = ("allocation", "profile", "corpus", "prompts", "checkpoint")  # options that name input files
-
-
-def _check_out(cfg: Any, own: str) -> None:
-    """``check_output(cfg.out)``: not one of the command's input files, and an existing file only when it is
-    ``own``'s kind (results rows, generate rows, an allocation, a head profile), so nothing else is lost."""
-    from alloc.allocation import Allocation
-    from alloc.results import check_results
-    from classify.profile import HeadProfile
-
-    kinds = {"results": ("a headkv results file", check_results),
-             "generate": ("a file of `headkv generate` rows", lambda p: check_results(p, ("generate",))),
-             "allocation": ("an allocation file", Allocation.load),
-             "profile": ("a head profile", HeadProfile.load)}
-    names = [getattr(cfg, k, None) for k in _INPUTS]
-    inputs = [p for v in names if v for p in (v if isinstance(v, list) else [v])]
-    check_output(cfg.out, inputs=inputs, own=kinds[own])
-
-
 def _entries(lm: Any, names: list[str], files: list[str], profile: Optional[str], controls=()) -> list[Any]:
     """Every policy name and allocation file (and its controls), resolved and checked against the model."""
     from alloc.policies import PolicyContext, needs_profile, resolve
@@ -220,7 +197,7 @@ def evaluate(cfg: EvaluateConfig) -> None:
     from alloc.evaluate import evaluate as run_eval
     from alloc.results import append_row, done_keys, measurement_key, model_identity, tokens_digest
 
-    _check_out(cfg, "results")
+    check_out(cfg, "results")
     lm, tok = _load_model(cfg, cfg.seq_len if cfg.mode == "masked" else None)
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}"
@@ -275,7 +252,7 @@ def classify(cfg: ClassifyConfig) -> None:
     rule = ClassifierRule(tau=cfg.tau, gqa=cfg.gqa)
     if cfg.seq_len <= rule.q_from:
         raise ConfigError(f"--seq-len must exceed {rule.q_from}")
-    _check_out(cfg, "profile")
+    check_out(cfg, "profile")
     lm, tok = _load_model(cfg, max(cfg.seq_len, cfg.sens_seq_len))
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     sens_blocks = (blocks_for(tok, cfg.corpus, cfg.split, cfg.sens_tokens, cfg.sens_seq_len, cfg.encoding)
@@ -303,7 +280,7 @@ def sweep(cfg: SweepConfig) -> None:
     if not cfg.grid:
         raise ConfigError("'grid' must map policy-name templates to their values")
     names = expand(cfg.grid)
-    _check_out(cfg, "results")
+    check_out(cfg, "results")
     lm, tok = _load_model(cfg, cfg.seq_len)
     entries = _entries(lm, names, cfg.allocation, cfg.profile, cfg.controls)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
@@ -381,7 +358,7 @@ def export(cfg: ExportConfig) -> None:
 
     if not cfg.checkpoint:
         raise ConfigError("give the checkpoint: headkv export CHECKPOINT -o FILE")
-    _check_out(cfg, "allocation")
+    check_out(cfg, "allocation")
     shape = None
     if cfg.model is not None:
         from models.loading import load_model, model_shape
@@ -401,7 +378,7 @@ def quantize(cfg: QuantizeConfig) -> None:
     from alloc.allocation import Allocation
     from alloc.quantize import quantize as to_classes
 
-    _check_out(cfg, "allocation")
+    check_out(cfg, "allocation")
     alloc = Allocation.load(cfg.allocation)
     q = to_classes(alloc, cfg.classes)
     q.save(cfg.out)
@@ -419,7 +396,7 @@ def generate(cfg: GenerateConfig) -> None:
 
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
     if cfg.out:
-        _check_out(cfg, "generate")
+        check_out(cfg, "generate")
     lm, tok = _load_model(cfg)
     e = _entries(lm, [cfg.policy] if cfg.policy else [], [cfg.allocation] if cfg.allocation else [], cfg.profile)[0]
     if cfg.reindex and e.allocation is None:
@@ -439,7 +416,7 @@ def passkey(cfg: PasskeyConfig) -> None:
     from alloc.plots import passkey_heatmaps
     from models.corpus import long_stream
 
-    _check_out(cfg, "results")
+    check_out(cfg, "results")
     check_output(cfg.plots, directory=True)
     lm, tok = _load_model(cfg, max(cfg.length) + 8)
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)

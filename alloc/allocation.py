@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from models import window as win
 from models.attention import FullCache, HardMask, check_family, windowed
-from models.common import HeadkvError, atomic_write, load_json
+from models.common import HeadkvError, atomic_write, load_json, printable
 from models.kv_cache import PerHeadCache
 from models.loading import ModelShape, model_shape
 
@@ -124,7 +124,8 @@ class Allocation:
 
     @property
     def name(self) -> str:
-        return str(self.meta.get("policy") or self.meta.get("name") or f"alloc-{self.digest()[:10]}")
+        name = self.meta.get("policy") or self.meta.get("name") or f"alloc-{self.digest()[:10]}"
+        return printable(str(name))  # a name from a file: printed, never with raw escape codes
 
     def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(sink, window) as long tensors of shape (layers, KV heads)."""

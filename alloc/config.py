@@ -490,6 +490,25 @@ def check_output(path: str | Path, *, directory: bool = False, inputs: Any = (),
             p.rmdir()
 
 
+INPUTS = ("allocation", "profile", "corpus", "prompts", "checkpoint")  # the options that name input files
+
+
+def check_out(cfg: Any, own: str) -> None:
+    """``check_output(cfg.out)`` for a command: not one of its input files, and an existing file only when it is
+    ``own``'s kind (results rows, generate rows, an allocation, a head profile), so nothing else is lost."""
+    from alloc.allocation import Allocation
+    from alloc.results import check_results
+    from classify.profile import HeadProfile
+
+    kinds = {"results": ("a headkv results file", check_results),
+             "generate": ("a file of `headkv generate` rows", lambda p: check_results(p, ("generate",))),
+             "allocation": ("an allocation file", Allocation.load),
+             "profile": ("a head profile", HeadProfile.load)}
+    names = [getattr(cfg, k, None) for k in INPUTS]
+    inputs = [p for v in names if v for p in (v if isinstance(v, list) else [v])]
+    check_output(cfg.out, inputs=inputs, own=kinds[own])
+
+
 @dataclass
 class SearchConfig:
     """`headkv search`: the smallest average budget whose learned allocation keeps perplexity within

@@ -71,6 +71,11 @@ def printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def one_line(message: str) -> str:
+    """The first line of ``message``, printable (an error line may quote a name from any file)."""
+    return printable(message.splitlines()[0] if message else "")
+
+
 def emit_json(result: Any, out: str | Path | None = None) -> None:
     """Print ``result`` as JSON and, if ``out`` is given, write it there atomically (the benches' output)."""
     text = json.dumps(result, indent=1)

@@ -94,7 +94,7 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
         "results_deep": '{"kind": "sweep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
         "profile_ok": json.dumps({"format_version": 1, "labels": [["mixed"] * shape[1]] * shape[0],
                                   "confidence": [[0.1] * shape[1]] * shape[0], "q_per_kv": 2}),
-        "yaml_escape": '"\\e[2J\\e[31mtokenz": 1\n',  # a terminal escape code in a key
+        "yaml_escape": '"\\e]0;pwned\\atokenz": 1\n',  # a terminal escape code (a title) in a key
         "yaml_deep": "a: " + "[" * 100_000 + "\n",
         "yaml_length_empty": "length: []\n",
         "grid_int_key": "grid: {64: null}\n",
@@ -569,7 +569,7 @@ def test_evaluate_rerun_after_a_kill_resumes_by_key_and_prints_names_escaped(wor
     root, files = world
     named = tmp_path / "named.json"  # an allocation whose name holds a terminal escape code
     good = json.loads(files["alloc_good"].read_text())
-    named.write_text(json.dumps({**good, "meta": {"policy": "\x1b[2Jred"}}))
+    named.write_text(json.dumps({**good, "meta": {"policy": "\x1b]0;red\x07"}}))
     out = tmp_path / "r.jsonl"
     args = ["evaluate", "--model", str(root / "model"), "--corpus", str(root / "text.txt"), "--tokens", "64",
             "--seq-len", "32", "--out", str(out), "--policy", "full", "--policy", "B_streaming_8",
@@ -590,7 +590,9 @@ def test_evaluate_rerun_after_a_kill_resumes_by_key_and_prints_names_escaped(wor
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 4 and len({x["key"] for x in rows}) == 4  # the 2 kept rows are not written twice
     assert r.stderr.count("already measured") == 2 and "appended 2 row(s)" in r.stdout
-    assert "\x1b" not in r.stdout + r.stderr and "\\x1b[2Jred" in r.stdout
+    assert "\x1b" not in r.stdout + r.stderr and "\\x1b]0;red\\x07" in r.stdout
+    r = cli_run("quantize", str(named), "-o", str(tmp_path / "q.json"), "--classes", "1")
+    assert r.returncode == 0 and "\x1b" not in r.stdout + r.stderr and "\\x1b]0;red\\x07" in r.stdout
 
 
 @pytest.mark.parametrize("run_id", ["../escaped", "a/b", ".."])
