@@ -1,10 +1,10 @@
 """Results files: one JSON object per line, appended whole, read back tolerantly, keyed by what was measured.
 
-Every resumable output (sweep, streaming, passkey) keys a row by :func:`measurement_key`: the allocation's
-content digest plus everything that changes the number -- the model (name, revision, dtype, device), the
-exact tokens scored (a digest of the token ids, which covers the corpus content, split, token count, block
-length, tokenizer and BOS) and the kind's own settings. Labels are for display only: two files that share a
-policy name never skip or show each other's rows.
+Every resumable output (evaluate, sweep, streaming, passkey) keys a row by :func:`measurement_key`: the
+allocation's content digest plus everything that changes the number -- the model (name, revision, dtype,
+device), the exact tokens scored (a digest of the token ids, which covers the corpus content, split, token
+count, block length, tokenizer and BOS) and the kind's own settings. Labels are for display only: two files
+that share a policy name never skip or show each other's rows.
 
 A row is appended under an exclusive lock on the file (``flock``) with a single ``write`` of one complete
 line followed by ``fsync``: concurrent writers never lose or interleave rows, and a killed run leaves at
