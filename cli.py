@@ -246,13 +246,13 @@ def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[An
 def classify(cfg: ClassifyConfig) -> None:
     """Classify every KV head (positional / mixed / gathering, with a confidence) and write a profile JSON."""
     from alloc.evaluate import blocks_for
-    from classify.profile import ClassifierRule
+    from classify.profile import ClassifierRule, HeadProfile
     from classify.sensitivity import classify_model, report
 
     rule = ClassifierRule(tau=cfg.tau, gqa=cfg.gqa)
     if cfg.seq_len <= rule.q_from:
         raise ConfigError(f"--seq-len must exceed {rule.q_from}")
-    check_out(cfg, "profile")
+    check_out(cfg, ("a head profile", HeadProfile.load))
     lm, tok = _load_model(cfg, max(cfg.seq_len, cfg.sens_seq_len))
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     sens_blocks = (blocks_for(tok, cfg.corpus, cfg.split, cfg.sens_tokens, cfg.sens_seq_len, cfg.encoding)

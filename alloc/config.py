@@ -493,20 +493,18 @@ def check_output(path: str | Path, *, directory: bool = False, inputs: Any = (),
 INPUTS = ("allocation", "profile", "corpus", "prompts", "checkpoint")  # the options that name input files
 
 
-def check_out(cfg: Any, own: str) -> None:
+def check_out(cfg: Any, own: str | tuple[str, Callable[[Path], Any]]) -> None:
     """``check_output(cfg.out)`` for a command: not one of its input files, and an existing file only when it is
-    ``own``'s kind (results rows, generate rows, an allocation, a head profile), so nothing else is lost."""
+    ``own``'s kind (results rows, generate rows, an allocation; or ``(what, read)``), so nothing else is lost."""
     from alloc.allocation import Allocation
     from alloc.results import check_results
-    from classify.profile import HeadProfile
 
     kinds = {"results": ("a headkv results file", check_results),
              "generate": ("a file of `headkv generate` rows", lambda p: check_results(p, ("generate",))),
-             "allocation": ("an allocation file", Allocation.load),
-             "profile": ("a head profile", HeadProfile.load)}
+             "allocation": ("an allocation file", Allocation.load)}
     names = [getattr(cfg, k, None) for k in INPUTS]
     inputs = [p for v in names if v for p in (v if isinstance(v, list) else [v])]
-    check_output(cfg.out, inputs=inputs, own=kinds[own])
+    check_output(cfg.out, inputs=inputs, own=kinds[own] if isinstance(own, str) else own)
 
 
 @dataclass
