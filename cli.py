@@ -43,10 +43,11 @@ from headkv.alloc.config import (
     SweepConfig,
     TrainConfig,
     check_device,
+    check_out,
     check_output,
     load,
 )
-from headkv.models.common import HeadkvError
+from headkv.models.common import HeadkvError, one_line
 
 app = typer.Typer(help="Head-aware KV-cache compression: classify heads, evaluate, learn and deploy per-head "
                   "sink+window allocations.", no_args_is_help=True, add_completion=False,
@@ -70,16 +71,16 @@ def main() -> None:
     except typer.TyperException as e:  # the option parser's usage errors (typer's own click)
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.exit(typer.echo(e.format_message()) or 0)
-        sys.exit(typer.echo(f"error: {(e.format_message() or type(e).__name__).splitlines()[0]}", err=True) or 2)
+        sys.exit(typer.echo(f"error: {one_line(e.format_message() or type(e).__name__)}", err=True) or 2)
     except (HeadkvError, OSError) as e:
-        sys.exit(typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True) or 2)
+        sys.exit(typer.echo(f"error: {one_line(str(e) or type(e).__name__)}", err=True) or 2)
     except (KeyboardInterrupt, typer.Abort):
         typer.echo(f"interrupted: {_RESUME['hint']}", err=True)
         sys.exit(130)
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("HEADKV_DEBUG"):
             raise
-        typer.echo(f"error: internal {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        typer.echo(f"error: internal {type(e).__name__}: {one_line(str(e))} "
                    "(HEADKV_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into exit code 130
@@ -192,9 +193,9 @@ def evaluate(cfg: EvaluateConfig) -> None:
     """Score full attention and per-head allocations with the one evaluator, print a table, append JSON lines."""
     from headkv.alloc.evaluate import blocks_for, result_table
     from headkv.alloc.evaluate import evaluate as run_eval
-    from headkv.alloc.results import append_row, measurement_key, model_identity, tokens_digest
+    from headkv.alloc.results import append_row, done_keys, measurement_key, model_identity, tokens_digest
 
-    check_output(cfg.out)
+    check_out(cfg, "results")
     lm, tok = _load_model(cfg, cfg.seq_len if cfg.mode == "masked" else None)
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)
     _RESUME["hint"] = f"finished rows are kept in {cfg.out}"
@@ -202,14 +203,18 @@ def evaluate(cfg: EvaluateConfig) -> None:
         return _evaluate_streaming(cfg, lm, tok, entries)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     conditions = {"kind": "evaluate", **model_identity(lm), "tokens_digest": tokens_digest(blocks), "bos": _bos(tok)}
-    results = []
+    results, done = [], done_keys(cfg.out, "evaluate")
     for e in entries:
+        key = measurement_key(e.allocation, conditions)
+        if key in done:  # a rerun resumes: the rows measured before are kept, not written twice
+            typer.echo(f"{e.label}: already measured in {cfg.out}, skipped (use another --out to rerun)", err=True)
+            continue
         with _bar(e.label, len(blocks)) as bar:
             res = run_eval(lm, e.allocation, blocks, name=e.label, progress=lambda i, n: bar.update(1),
                            backend=cfg.attention)
         results.append(res)
         append_row(cfg.out, {"model": cfg.model, "corpus": cfg.corpus, "split": cfg.split, **conditions,
-                             "key": measurement_key(e.allocation, conditions), **e.source, **res.to_dict(),
+                             "key": key, **e.source, **res.to_dict(),
                              **_stamp()})
     typer.echo("\n".join(result_table(results)))
     typer.echo(f"appended {len(results)} row(s) to {cfg.out}")
@@ -239,13 +244,13 @@ def _evaluate_streaming(cfg: EvaluateConfig, lm: Any, tok: Any, entries: list[An
 def classify(cfg: ClassifyConfig) -> None:
     """Classify every KV head (positional / mixed / gathering, with a confidence) and write a profile JSON."""
     from headkv.alloc.evaluate import blocks_for
-    from headkv.classify.profile import ClassifierRule
+    from headkv.classify.profile import ClassifierRule, HeadProfile
     from headkv.classify.sensitivity import classify_model, report
 
     rule = ClassifierRule(tau=cfg.tau, gqa=cfg.gqa)
     if cfg.seq_len <= rule.q_from:
         raise ConfigError(f"--seq-len must exceed {rule.q_from}")
-    check_output(cfg.out)
+    check_out(cfg, ("a head profile", HeadProfile.load))
     lm, tok = _load_model(cfg, max(cfg.seq_len, cfg.sens_seq_len))
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
     sens_blocks = (blocks_for(tok, cfg.corpus, cfg.split, cfg.sens_tokens, cfg.sens_seq_len, cfg.encoding)
@@ -273,7 +278,7 @@ def sweep(cfg: SweepConfig) -> None:
     if not cfg.grid:
         raise ConfigError("'grid' must map policy-name templates to their values")
     names = expand(cfg.grid)
-    check_output(cfg.out)
+    check_out(cfg, "results")
     lm, tok = _load_model(cfg, cfg.seq_len)
     entries = _entries(lm, names, cfg.allocation, cfg.profile, cfg.controls)
     blocks = blocks_for(tok, cfg.corpus, cfg.split, cfg.tokens, cfg.seq_len, cfg.encoding)
@@ -336,7 +341,7 @@ def export(cfg: ExportConfig) -> None:
 
     if not cfg.checkpoint:
         raise ConfigError("give the checkpoint: headkv export CHECKPOINT -o FILE")
-    check_output(cfg.out)
+    check_out(cfg, "allocation")
     shape = None
     if cfg.model is not None:
         from headkv.models.loading import load_model, model_shape
@@ -356,7 +361,7 @@ def quantize(cfg: QuantizeConfig) -> None:
     from headkv.alloc.allocation import Allocation
     from headkv.alloc.quantize import quantize as to_classes
 
-    check_output(cfg.out)
+    check_out(cfg, "allocation")
     alloc = Allocation.load(cfg.allocation)
     q = to_classes(alloc, cfg.classes)
     q.save(cfg.out)
@@ -374,7 +379,7 @@ def generate(cfg: GenerateConfig) -> None:
 
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
     if cfg.out:
-        check_output(cfg.out)
+        check_out(cfg, "generate")
     lm, tok = _load_model(cfg)
     e = _entries(lm, [cfg.policy] if cfg.policy else [], [cfg.allocation] if cfg.allocation else [], cfg.profile)[0]
     if cfg.reindex and e.allocation is None:
@@ -395,7 +400,7 @@ def passkey(cfg: PasskeyConfig) -> None:
     from headkv.alloc.plots import passkey_heatmaps
     from headkv.models.text import long_stream
 
-    check_output(cfg.out)
+    check_out(cfg, "results")
     check_output(cfg.plots, directory=True)
     lm, tok = _load_model(cfg, max(cfg.length) + 8)
     entries = _entries(lm, list(cfg.policy) or ([] if cfg.allocation else ["full"]), cfg.allocation, cfg.profile)

@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from headkv.models import window as win
 from headkv.models.attention import FullCache, windowed
-from headkv.models.common import HeadkvError, atomic_write
+from headkv.models.common import HeadkvError, atomic_write, load_json, printable
 from headkv.models.families import check_family
 from headkv.models.kv_cache import PerHeadCache
 from headkv.models.loading import ModelShape, model_shape
@@ -37,6 +37,7 @@ from headkv.models.masks import HardMask
 from headkv.models.static_cache import StaticHeadCache
 
 FORMAT_VERSION = 1
+MAX_KEYS = 10**12  # the largest sink or window: beyond any model's context, far below int64 when summed
 
 
 class AllocationError(HeadkvError):
@@ -53,12 +54,12 @@ def _int_grid(name: str, value: Any, shape: tuple[int, int] | None) -> tuple[tup
     rows = []
     for li, row in enumerate(value):
         for v in row:
-            if isinstance(v, bool) or not isinstance(v, int):
-                if isinstance(v, float) and v.is_integer():
-                    continue
+            if isinstance(v, bool) or not (isinstance(v, int) or isinstance(v, float) and v.is_integer()):
                 raise AllocationError(f"'{name}' layer {li} holds a non-integer value {v!r}")
             if v < 0:
                 raise AllocationError(f"'{name}' layer {li} holds a negative value {v}")
+            if v > MAX_KEYS:
+                raise AllocationError(f"'{name}' layer {li} holds a value above {MAX_KEYS:.0e} keys")
         rows.append(tuple(int(v) for v in row))
     widths = {len(r) for r in rows}
     if len(widths) != 1:
@@ -126,7 +127,8 @@ class Allocation:
 
     @property
     def name(self) -> str:
-        return str(self.meta.get("policy") or self.meta.get("name") or f"alloc-{self.digest()[:10]}")
+        name = self.meta.get("policy") or self.meta.get("name") or f"alloc-{self.digest()[:10]}"
+        return printable(str(name))  # a name from a file: printed, never with raw escape codes
 
     def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(sink, window) as long tensors of shape (layers, KV heads)."""
@@ -218,22 +220,14 @@ class Allocation:
         native = d.get("native") or []
         if not isinstance(native, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in native):
             raise AllocationError(f"'native' must be a list of per-layer integers, got {native!r}")
+        if not isinstance(d.get("meta") or {}, dict):
+            raise AllocationError(f"'meta' must be a JSON object, got {type(d['meta']).__name__}")
         return cls(sink, window, str(d.get("model_id", "")), d.get("q_per_kv", 1), dict(d.get("meta") or {}),
                    tuple(native))
 
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise AllocationError(f"cannot read allocation file {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise AllocationError(f"{path} is not a text file (an allocation is JSON)") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AllocationError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        data = load_json(path, "allocation file", AllocationError)
         try:
             return cls.from_dict(data)
         except AllocationError as e:

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -64,7 +64,7 @@ class EvaluateConfig:
     policy: list[str] = opt([], POLICY)
     allocation: list[str] = opt([], ALLOCATION)
     profile: Optional[str] = opt(None, PROFILE)
-    tokens: int = opt(8192, "Input tokens to score (8192 = 8 blocks of 1024; 1000 = the study's protocol).", lo=2, hi=MAX_TOKENS)
+    tokens: int = opt(8192, "Input tokens to score, in whole blocks (8192 = 8 blocks of 1024; --tokens 1001 --seq-len 1001 = the study's 1000 predicted tokens).", lo=2, hi=MAX_TOKENS)
     seq_len: int = opt(1024, "Tokens per block.", lo=2, hi=MAX_TOKENS)
     device: str = opt("cpu", DEVICE)
     dtype: Optional[str] = opt(None, DTYPE, choices=DTYPES)
@@ -78,6 +78,8 @@ class EvaluateConfig:
     def check(self) -> None:
         if self.reindex and self.mode != "streaming":
             raise ConfigError("--reindex applies to --mode streaming (the masked evaluator keeps true positions)")
+        if self.mode == "masked":
+            check_blocks(self.tokens, self.seq_len)
 
 
 @dataclass
@@ -99,8 +101,7 @@ class ClassifyConfig:
     out: str = opt("results/profile.json", "Profile JSON to write.")
 
     def check(self) -> None:
-        if self.tokens < self.seq_len:
-            raise ConfigError("--tokens must be at least --seq-len")
+        check_blocks(self.tokens, self.seq_len)
 
 
 @dataclass
@@ -127,6 +128,9 @@ class SweepConfig:
         bad = [c for c in self.controls if c not in CONTROLS]
         if bad:
             raise ConfigError(f"--controls must be among {', '.join(CONTROLS)}, got {bad[0]!r}")
+        if self.controls and not self.allocation:
+            raise ConfigError("--controls are controls of allocation files: give --allocation FILE too")
+        check_blocks(self.tokens, self.seq_len)
 
 
 @dataclass
@@ -350,6 +354,13 @@ def _lightning_names() -> dict[str, set[str]]:
             "strategy": {"auto", *StrategyRegistry.available_strategies()}}
 
 
+def check_blocks(tokens: int, seq_len: int) -> None:
+    """Blocks are whole: refuse ``tokens`` below one block of ``seq_len`` rather than change either."""
+    if tokens < seq_len:
+        raise ConfigError(f"--tokens must be at least --seq-len (got {tokens} and {seq_len}): the tokens are "
+                          "scored in whole blocks; for one block of N tokens give --tokens N --seq-len N")
+
+
 # ---- loading: defaults < YAML < flags, every value type-checked -------------------------------------------
 def _typed(name: str, value: Any, tp: Any) -> Any:
     """``value`` as type ``tp`` (from a YAML file or a flag), or one ConfigError line."""
@@ -374,6 +385,8 @@ def _typed(name: str, value: Any, tp: Any) -> Any:
 
 
 def _check_rules(name: str, value: Any, meta: dict[str, Any]) -> None:
+    if value == [] and "lo" in meta:  # a list of numbers (lengths, depths) needs one at least
+        raise ConfigError(f"--{name.replace('_', '-')} needs at least one value")
     for v in value if isinstance(value, list) else [value]:
         if v is None:
             continue
@@ -393,6 +406,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} is not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of option names to values")
     return data
@@ -435,15 +450,32 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: no CUDA device is available here")
 
 
-def check_output(path: str | Path, *, directory: bool = False) -> None:
+def check_output(path: str | Path, *, directory: bool = False, inputs: Any = (),
+                 own: tuple[str, Callable[[Path], Any]] | None = None) -> None:
     """Fail now, with one line, if ``path`` (a file, or a folder) cannot be written later: its folders are
-    made and a probe file written and removed; folders made only for the probe are removed again."""
+    made and a probe file written and removed; folders made only for the probe are removed again. An
+    existing file must be a regular, writable file that is none of the command's ``inputs`` and, given
+    ``own = (what, read)``, is empty or ``what`` (``read(path)`` raises a HeadkvError if it is not): an
+    output never replaces or truncates what it was not written by this command."""
     path = Path(path)
     if not directory and str(path) in ("", "."):
         raise ConfigError("an output path is empty")
     if path.exists() and path.is_dir() != directory:
         kind = "a folder" if path.is_dir() else "a file"
         raise ConfigError(f"output {path} is {kind}; expected {'a folder' if directory else 'a file'}")
+    if path.exists() and not directory:
+        if not path.is_file():
+            raise ConfigError(f"output {path} is not a regular file (a device or pipe); give a file path")
+        if any(Path(p).exists() and os.path.samefile(path, p) for p in inputs):
+            raise ConfigError(f"output {path} is also an input of this command; give another output file")
+        if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
+            raise ConfigError(f"output {path} is read-only")
+        if own is not None and path.stat().st_size:
+            try:
+                own[1](path)
+            except HeadkvError:
+                raise ConfigError(f"output {path} exists and is not {own[0]}; give another output file "
+                                  "(it is left as it is)") from None
     folder = path if directory else path.parent
     made: list[Path] = []
     probe = folder / f".headkv-probe-{os.getpid()}"
@@ -459,6 +491,23 @@ def check_output(path: str | Path, *, directory: bool = False) -> None:
     finally:
         for p in reversed(made):
             p.rmdir()
+
+
+INPUTS = ("allocation", "profile", "corpus", "prompts", "checkpoint")  # the options that name input files
+
+
+def check_out(cfg: Any, own: str | tuple[str, Callable[[Path], Any]]) -> None:
+    """``check_output(cfg.out)`` for a command: not one of its input files, and an existing file only when it is
+    ``own``'s kind (results rows, generate rows, an allocation; or ``(what, read)``), so nothing else is lost."""
+    from headkv.alloc.allocation import Allocation
+    from headkv.alloc.results import check_results
+
+    kinds = {"results": ("a headkv results file", check_results),
+             "generate": ("a file of `headkv generate` rows", lambda p: check_results(p, ("generate",))),
+             "allocation": ("an allocation file", Allocation.load)}
+    names = [getattr(cfg, k, None) for k in INPUTS]
+    inputs = [p for v in names if v for p in (v if isinstance(v, list) else [v])]
+    check_output(cfg.out, inputs=inputs, own=kinds[own] if isinstance(own, str) else own)
 
 
 @dataclass

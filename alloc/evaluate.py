@@ -128,15 +128,14 @@ def evaluate(
 def blocks_for(
     tokenizer: Any, corpus: str, split: str, tokens: int, seq_len: int, encoding: str | None = None
 ) -> torch.Tensor:
-    """Evaluation blocks: ``tokens`` input tokens in blocks of ``seq_len``; fewer than one block gives one
-    block of ``tokens + 1`` inputs, so exactly ``tokens`` are predicted (the study's 1000-token protocol)."""
+    """Evaluation blocks: ``tokens`` input tokens in whole blocks of ``seq_len`` (fewer than one block is one
+    error line: :func:`alloc.config.check_blocks`)."""
+    from headkv.alloc.config import check_blocks
     from headkv.models.text import token_blocks
 
-    if tokens < seq_len:
-        seq_len, n_blocks = tokens + 1, 1
-    else:
-        n_blocks = tokens // seq_len
-    return token_blocks(tokenizer, corpus, split=split, seq_len=seq_len, n_blocks=n_blocks, encoding=encoding)
+    check_blocks(tokens, seq_len)
+    return token_blocks(tokenizer, corpus, split=split, seq_len=seq_len, n_blocks=tokens // seq_len,
+                        encoding=encoding)
 
 
 def result_table(results: list[EvalResult]) -> list[str]:

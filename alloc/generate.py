@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from headkv.alloc.allocation import Allocation, applied, kv_bytes
 from headkv.models import window as win
-from headkv.models.common import atomic_write
+from headkv.models.common import atomic_write, parse_json
 from headkv.models.kv_cache import DeployError, kv_bytes_of
 from headkv.models.loading import model_shape
 from headkv.models.static_cache import GraphDecoder
@@ -144,8 +144,8 @@ def read_prompts(path: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = parse_json(line, f"prompts file {path}, line {n}", DeployError)
+        except DeployError:
             raise DeployError(f"prompts file {path}, line {n}: not JSON (one object per line)") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise DeployError(f"prompts file {path}, line {n}: needs an object with a \"prompt\" string")
@@ -157,7 +157,7 @@ def read_prompts(path: str) -> list[str]:
 
 def save_rows(out: str, prompts: list[str], rows: list[dict[str, Any]], label: str, source: dict) -> str:
     """Write one JSON row per prompt (atomically: all or nothing) and return the summary line."""
-    lines = [json.dumps({"prompt": p, "allocation": label, **source, **r})
+    lines = [json.dumps({"kind": "generate", "prompt": p, "allocation": label, **source, **r})
              for p, r in zip(prompts, rows, strict=True)]
     atomic_write(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     held = sum({r["batch"]: r["batch_kv_bytes_held"] for r in rows}.values())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from headkv.alloc.allocation import Allocation, AllocationError
+from headkv.models.common import printable
 
 STUDY_SINK = 4  # the study's sink count for every family except A
 
@@ -77,7 +78,12 @@ def build(name: str, ctx: PolicyContext) -> Allocation:
         raise AllocationError(
             f"policy '{name}' needs a head profile: run `headkv classify` and pass --profile"
         )
-    alloc = builder(ctx, params)
+    try:
+        alloc = builder(ctx, params)
+    except AllocationError as e:
+        raise AllocationError(f"policy '{name}': {e}") from None
+    except (OverflowError, ValueError):  # a parameter beyond any float or int (inf, 4300+ digits)
+        raise AllocationError(f"policy '{name}': a parameter is out of range") from None
     return Allocation(alloc.sink, alloc.window, ctx.model_id, ctx.q_per_kv, {"policy": name, **alloc.meta})
 
 
@@ -96,7 +102,7 @@ def window_only(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
 def streaming(ctx: PolicyContext, p: dict[str, float]) -> Allocation:
     c = int(p["C"])
     if c <= STUDY_SINK:
-        raise AllocationError(f"B_streaming_{c}: the context must exceed the {STUDY_SINK} sink tokens")
+        raise AllocationError(f"the context must exceed the {STUDY_SINK} sink tokens")
     return _uniform(ctx, STUDY_SINK, c - STUDY_SINK, budget=c)
 
 
@@ -216,7 +222,7 @@ def resolve(ctx: PolicyContext, names: list[str], files: list[str], controls: An
         alloc = Allocation.load(f)
         alloc.check_model(ctx.model_id, ctx.shape, ctx.q_per_kv)
         alloc = alloc.bound(ctx.native)
-        label = str(alloc.meta.get("policy") or Path(f).stem)
+        label = printable(str(alloc.meta.get("policy") or Path(f).stem))  # from a file: no raw escapes
         source = {"file": str(f), "file_sha256": file_hash(f)}
         entries.append(Entry(label, alloc, source))
         for kind in controls:

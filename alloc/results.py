@@ -1,18 +1,21 @@
 """Results files: one JSON object per line, appended whole, read back tolerantly, keyed by what was measured.
 
-Every resumable output (sweep, streaming, passkey) keys a row by :func:`measurement_key`: the allocation's
-content digest plus everything that changes the number -- the model (name, revision, dtype, device), the
-exact tokens scored (a digest of the token ids, which covers the corpus content, split, token count, block
-length, tokenizer and BOS) and the kind's own settings. Labels are for display only: two files that share a
-policy name never skip or show each other's rows.
+Every resumable output (evaluate, sweep, streaming, passkey) keys a row by :func:`measurement_key`: the
+allocation's content digest plus everything that changes the number -- the model (name, revision, dtype,
+device), the exact tokens scored (a digest of the token ids, which covers the corpus content, split, token
+count, block length, tokenizer and BOS) and the kind's own settings. Labels are for display only: two files
+that share a policy name never skip or show each other's rows.
 
-A row is written with a single ``write`` of one complete line followed by ``fsync``, so a killed run
-leaves at most the row in flight unwritten -- never half a line. A trailing partial line (from a crash
-during the write itself) is ignored by ``read_rows`` and overwritten by the next append.
+A row is appended under an exclusive lock on the file (``flock``) with a single ``write`` of one complete
+line followed by ``fsync``: concurrent writers never lose or interleave rows, and a killed run leaves at
+most the row in flight unwritten. A last line without its newline is read as a row when it is one (a file
+edited by hand) and dropped when it is a torn row (a crash during the write itself); the next append
+repairs either. A file whose lines are not rows is refused (:func:`check_results`), never truncated.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +23,9 @@ import platform
 from pathlib import Path
 from typing import Any, Iterator
 
-from headkv.models.common import HeadkvError
+from headkv.models.common import HeadkvError, parse_json
+
+RESULT_KINDS = ("evaluate", "streaming", "sweep", "passkey")  # the rows a results file may hold
 
 
 def versions() -> dict[str, str]:
@@ -68,34 +73,69 @@ def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _valid_prefix_len(path: Path) -> int:
-    """Length in bytes of the file up to its last complete line."""
-    data = path.read_bytes()
-    return data.rfind(b"\n") + 1
+class ResultsError(HeadkvError):
+    """A results file that is not headkv's JSON lines."""
+
+
+def _row(raw: bytes, where: str) -> dict[str, Any] | None:
+    """One line as a row (None for a blank line), or one ResultsError line."""
+    if not raw.strip():
+        return None
+    try:
+        row = parse_json(raw, where, ResultsError)
+    except ResultsError:
+        raise ResultsError(f"{where}: not a JSON row") from None
+    if not isinstance(row, dict):
+        raise ResultsError(f"{where}: a row must be a JSON object")
+    return row
+
+
+def _tail(fd: int, size: int) -> int:
+    """Offset of the last line of the open file (just past its last newline; 0 if it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+def _unterminated(raw: bytes, where: str) -> dict[str, Any] | None:
+    """A last line without its newline: the row it is, None for a torn row, or one ResultsError line."""
+    try:
+        return _row(raw, where)
+    except ResultsError:
+        if raw.lstrip().startswith(b"{"):  # rows are JSON objects: the start of one, cut by a crash
+            return None
+        raise
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` as one line, under an exclusive lock: a torn last row is dropped and an unterminated
+    whole row ended first; a last line that is not a row is refused, the file left as it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, sort_keys=True) + "\n").encode()
-    if path.exists():
-        keep = _valid_prefix_len(path)
-        if keep != path.stat().st_size:  # drop a torn last line before appending
-            os.truncate(path, keep)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+        size = os.fstat(fd).st_size
+        start = _tail(fd, size)
+        if start != size:
+            if _unterminated(os.pread(fd, size - start, start), f"results file {path}, last line") is None:
+                os.ftruncate(fd, start)
+            else:
+                line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-class ResultsError(HeadkvError):
-    """A results file that is not headkv's JSON lines."""
-
-
 def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The complete rows of a results file (a torn last line is skipped); a damaged file is one error line."""
+    """The complete rows of a results file (a torn last row is skipped); a damaged file is one error line."""
     path = Path(path)
     if not path.exists():
         return
@@ -103,16 +143,23 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
         raise ResultsError(f"results file {path} is not a file")
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                break  # torn last line
-            try:
-                row = json.loads(raw) if raw.strip() else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ResultsError(f"results file {path}, line {n}: not a JSON row") from None
-            if row is not None and not isinstance(row, dict):
-                raise ResultsError(f"results file {path}, line {n}: a row must be a JSON object")
+            where = f"results file {path}, line {n}"
+            row = _row(raw, where) if raw.endswith(b"\n") else _unterminated(raw, where)
             if row is not None:
                 yield row
+
+
+def check_results(path: str | Path, kinds: tuple[str, ...] = RESULT_KINDS) -> None:
+    """Refuse, in one line, a file that is not results rows of ``kinds`` (an output about to be appended to
+    or replaced must hold nothing else)."""
+    for n, row in enumerate(read_rows(path), 1):
+        if row.get("kind") not in kinds:
+            raise ResultsError(f"results file {path}: row {n} is not a {'/'.join(kinds)} row")
+
+
+def done_keys(path: str | Path, kind: str) -> set[Any]:
+    """The measurement keys of the ``kind`` rows already in a results file: what a rerun skips."""
+    return {r.get("key") for r in read_rows(path) if r.get("kind") == kind}
 
 
 def read_search(path: str | Path) -> dict[str, Any] | None:
@@ -120,7 +167,7 @@ def read_search(path: str | Path) -> dict[str, Any] | None:
     content: one JSON object of ``"kind": "search"``. A search file that lacks its parts is one error line."""
     try:
         state = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError):  # not JSON as a whole (JSON lines, binary, empty): not a search file
+    except (OSError, ValueError, RecursionError):  # not JSON as a whole (JSON lines, binary, empty, too deep)
         return None
     if not isinstance(state, dict) or state.get("kind") != "search":
         return None

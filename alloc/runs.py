@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -276,6 +277,9 @@ def open_run(
     if run_id is None:
         if "LOCAL_RANK" in os.environ and os.environ.get("HEADKV_RUN_ID"):  # a DDP child: the parent's run
             run_id = os.environ["HEADKV_RUN_ID"]
+            if not re.fullmatch(r"[\w.-]+", run_id) or set(run_id) == {"."}:
+                raise TrainError(f"HEADKV_RUN_ID {run_id!r} is not a run name "
+                                 "(letters, digits, '.', '_', '-')")
         else:
             os.environ.pop("HEADKV_RUN_ID", None)
             run_id = new_run_id(cfg.budget)

@@ -30,9 +30,9 @@ from transformers import PreTrainedModel
 from headkv.alloc.allocation import Allocation, applied, kv_bytes
 from headkv.alloc.results import (
     append_row,
+    done_keys,
     measurement_key,
     model_identity,
-    read_rows,
     tokens_digest,
     versions,
 )
@@ -129,7 +129,7 @@ def run_streams(
     key; returns (new results, labels skipped as already measured)."""
     conditions = {"kind": "streaming", **model_identity(model), "tokens_digest": tokens_digest(stream),
                   "chunk": settings["chunk"], "segment": settings["segment"]}
-    done = {r.get("key") for r in read_rows(out) if r.get("kind") == "streaming"}
+    done = done_keys(out, "streaming")
     results, skipped = [], []
     for e in entries:
         reindex = bool(settings["reindex"]) and e.allocation is not None  # full: nothing to re-index

@@ -38,19 +38,32 @@ log = logging.getLogger(__name__)
 
 
 def expand(grid: dict[str, dict[str, list] | None]) -> list[str]:
-    """Policy names of a grid, in grid order, without duplicates."""
+    """Policy names of a grid, in grid order, without duplicates. A template is a string whose ``{NAME}``
+    fields its values (a mapping of NAME to a value or a list of values; null for none) fill; anything else
+    is one error line."""
     names: list[str] = []
     for template, values in grid.items():
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-        values = values or {}
-        missing = sorted(set(fields) - set(values))
-        if missing:
-            raise AllocationError(f"grid entry '{template}' gives no values for {', '.join(missing)}")
-        lists = [values[f] if isinstance(values[f], list) else [values[f]] for f in fields]
-        for combo in itertools.product(*lists):
-            name = template.format(**dict(zip(fields, combo, strict=True)))
-            if name not in names:
-                names.append(name)
+        if not isinstance(template, str) or not (values is None or isinstance(values, dict)):
+            raise AllocationError(f"grid entry {template!r}: a policy-name template (a string) must map to "
+                                  "its fields' values (a mapping, or null)")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            if not all(f.isidentifier() for f in fields):
+                raise ValueError("a field must be a name, as in {W}")
+            values = values or {}
+            missing = sorted(set(fields) - set(values))
+            if missing:
+                raise AllocationError(f"grid entry '{template}' gives no values for {', '.join(missing)}")
+            lists = [values[f] if isinstance(values[f], list) else [values[f]] for f in fields]
+            for combo in itertools.product(*lists):
+                name = template.format(**dict(zip(fields, combo, strict=True)))
+                if name not in names:
+                    names.append(name)
+        except (ValueError, IndexError, KeyError, AttributeError) as e:
+            if isinstance(e, AllocationError):
+                raise
+            raise AllocationError(f"grid entry {template!r} is not a template of {{NAME}} fields: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return names
 
 

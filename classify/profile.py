@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from headkv.classify import stats as st
-from headkv.models.common import HeadkvError, atomic_write
+from headkv.models.common import HeadkvError, atomic_write, load_json
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +180,7 @@ class HeadProfile:
         return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict())))
     @classmethod
     def load(cls, path: str | Path) -> HeadProfile:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except OSError as e:
-            raise ProfileError(f"cannot read head profile {path}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-        except UnicodeDecodeError:
-            raise ProfileError(f"{path} is not a text file (a head profile is JSON)") from None
+        d = load_json(path, "head profile", ProfileError)
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
             raise ProfileError(f"{path} is not a head profile (format_version {FORMAT_VERSION})")
         try:

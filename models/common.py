@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,18 +26,54 @@ def cache_dir() -> Path:
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """``write(tmp)`` into a temp file beside ``path``, then rename it over ``path``: a reader never sees a
-    half-written file, and a failed write leaves no file behind."""
-    path = Path(path)
+    half-written file, and a failed write leaves no file behind. A symlinked ``path`` writes its target; a
+    replaced file keeps its mode, a new one gets the umask's."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 less the umask
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def parse_json(text: str | bytes, where: str, error: type[HeadkvError] = HeadkvError) -> Any:
+    """``json.loads(text)``, or one ``error`` line naming ``where``: not JSON, a number beyond the parser's
+    digits, or nesting too deep to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except (ValueError, RecursionError) as e:  # 4300+ digit integers; nesting past the recursion limit
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise error(f"{where} is not valid JSON: {why}") from None
+
+
+def load_json(path: str | Path, what: str, error: type[HeadkvError] = HeadkvError) -> Any:
+    """The JSON value of the file ``path`` (a ``what``, e.g. "allocation file"), or one ``error`` line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not a text file (a {what} is JSON)") from None
+    return parse_json(text, str(path), error)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape codes) shown as ``\\xNN``: safe to print."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def one_line(message: str) -> str:
+    """The first line of ``message``, printable (an error line may quote a name from any file)."""
+    return printable(message.splitlines()[0] if message else "")
 
 
 def emit_json(result: Any, out: str | Path | None = None) -> None:

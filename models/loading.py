@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
         except ValueError:  # a family without SDPA support (Gemma-2 soft-caps its logits): its own default
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # a pickled weights file is refused unread
         if isinstance(source, Path):
             raise ModelLoadError(f"cannot load model from {source}: {str(e).splitlines()[0]}") from None
         raise ModelLoadError(

@@ -26,7 +26,7 @@ def test_classify_sweep_plot_end_to_end(monkeypatch, capsys, tmp_path, smollm):
     assert p.shape == (30, 3) and sum(p.counts().values()) == 90 and p.meta["rule"]["gqa"] == "max"
     cfg = tmp_path / "grid.yaml"
     cfg.write_text(yaml.safe_dump({
-        "tokens": 48, "profile": str(prof), "out": str(tmp_path / "rows.jsonl"),
+        "tokens": 49, "seq_len": 49, "profile": str(prof), "out": str(tmp_path / "rows.jsonl"),
         "grid": {"full": None, "B_streaming_{C}": {"C": [8, 16, 32]}, "A_window_{W}": {"W": [16]},
                  "G_conf{t}_base{b}": {"t": [0.5], "b": [8]}, "K_uniform{W}_aware": {"W": [12]}},
     }))
@@ -47,8 +47,8 @@ def test_misshapen_or_missing_profile_is_refused_in_one_line(monkeypatch, capsys
     cases = ((small, "has 2x2 KV heads"), (tmp_path / "none.json", "cannot read head profile"))
     for profile, message in cases:
         cfg = tmp_path / "grid.yaml"
-        cfg.write_text(yaml.safe_dump({"tokens": 32, "profile": str(profile), "out": str(out_file),
-                                       "grid": {"I_pos{p}_mix64_g128": {"p": [256]}}}))
+        cfg.write_text(yaml.safe_dump({"tokens": 32, "seq_len": 32, "profile": str(profile),
+                                       "out": str(out_file), "grid": {"I_pos{p}_mix64_g128": {"p": [256]}}}))
         code, _, err = run(monkeypatch, capsys, "sweep", str(cfg))
         assert code == 2
         _one_error_line(err, message)

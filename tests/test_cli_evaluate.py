@@ -44,7 +44,8 @@ def test_bad_input_is_one_line_and_writes_nothing(monkeypatch, capsys, tmp_path,
     subst = {"WRONG": "wrong.json", "BAD": "bad.json", "MISSINGKEY": "cfg.yaml"}
     args = [str(tmp_path / subst[a]) if a in subst else a for a in args]
     out_file = tmp_path / "rows.jsonl"
-    code, _, err = run(monkeypatch, capsys, "evaluate", *args, "--tokens", "64", "--out", str(out_file))
+    code, _, err = run(monkeypatch, capsys, "evaluate", *args, "--tokens", "64", "--seq-len", "32",
+                       "--out", str(out_file))
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]

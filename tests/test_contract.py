@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,25 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
         "search_malformed": json.dumps({"kind": "search", "settings": {}, "full": {"ppl": 9.0},
                                         "target_ppl": 9.2, "curve": 3}),
         "train_yaml_ddp": "devices: 2\n",
+        # beyond int64, and a sink + window that reaches 2**63
+        "alloc_huge": json.dumps({**good, "window": [[10**23] * shape[1]] * shape[0]}),
+        "alloc_sum_2_63": json.dumps({**good, "sink": [[2**62] * shape[1]] * shape[0],
+                                      "window": [[2**62] * shape[1]] * shape[0]}),
+        "alloc_meta_list": json.dumps({**good, "meta": [1, 2]}),
+        "alloc_deep": "[" * 100_000 + "]" * 100_000,
+        "alloc_good": json.dumps(good),
+        "results_deep": '{"kind": "sweep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+        "profile_ok": json.dumps({"format_version": 1, "labels": [["mixed"] * shape[1]] * shape[0],
+                                  "confidence": [[0.1] * shape[1]] * shape[0], "q_per_kv": 2}),
+        "yaml_escape": '"\\e]0;pwned\\atokenz": 1\n',  # a terminal escape code (a title) in a key
+        "yaml_deep": "a: " + "[" * 100_000 + "\n",
+        "yaml_length_empty": "length: []\n",
+        "grid_int_key": "grid: {64: null}\n",
+        "grid_brace": "grid: {\"B_streaming_{\": null}\n",
+        "grid_values_list": "grid: {\"B_streaming_{C}\": [8, 16]}\n",
+        "notes": "first note\nlast note, no newline",  # outputs of another kind: never replaced or truncated
+        "one_line": "one line, no newline",
+        "results_ok": '{"kind": "evaluate", "name": "full"}\n',
     }
     out = {}
     for name, text in texts.items():
@@ -109,6 +129,14 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
     out["search_bad_dir"] = root / "search_bad_dir"  # its search.json is not one
     out["search_bad_dir"].mkdir()
     (out["search_bad_dir"] / "search.json").write_text("[1]")
+    out["readonly"] = root / "readonly.jsonl"  # results, but read-only: refused before the work
+    out["readonly"].write_text('{"kind": "evaluate", "name": "full"}\n')
+    out["readonly"].chmod(0o444)
+    out["fifo"] = root / "fifo"  # a pipe as output or corpus would block: refused
+    os.mkfifo(out["fifo"])
+    out["model_pickle"] = root / "model_pickle"  # weights as a pickle: refused unread, in one line
+    shutil.copytree(model_dir, out["model_pickle"], ignore=shutil.ignore_patterns("*.safetensors"))
+    (out["model_pickle"] / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Pwn()}))
     return out
 
 
@@ -136,8 +164,8 @@ CASES = [
     (E + " --tokens -5", "--tokens must be between"),
     (E + " --tokens 1000000000000000000000000000000", "--tokens must be between"),
     (E + " --seq-len 1", "--seq-len must be between"),
-    (E + " --seq-len 100000", "exceeds the model's 512 positions"),
-    ("evaluate --model {f:gpt2_dir} --tokens 64", "model family 'gpt2' is not supported"),
+    (E + " --tokens 100000 --seq-len 100000", "exceeds the model's 512 positions"),
+    ("evaluate --model {f:gpt2_dir} --tokens 64 --seq-len 32", "model family 'gpt2' is not supported"),
     ("train --model {f:gpt2_dir} --budget 8 --max-steps 1 --wandb-mode disabled",
      "model family 'gpt2' is not supported"),
     (E + " --dtype float8", "--dtype must be one of"),
@@ -245,7 +273,7 @@ CASES = [
     ("plot {f:results_list}", "must be a JSON object"),
     ("plot {f:results_empty}", "holds no sweep or passkey rows"),
     ("plot {f:results_no_rows}", "holds no sweep or passkey rows"),
-    ("plot {f:binary}", "holds no sweep or passkey rows"),
+    ("plot {f:binary}", "not a JSON row"),  # a last line without newline is a row, a torn row or refused
     ("plot {f:results_no_rows} -o {f:a_file}", "is a file"),
     # ---- train ---------------------------------------------------------------------------------------------
     (T, "missing config key 'budget'"),
@@ -374,6 +402,50 @@ CASES = [
     ("search --config {f:yaml_unknown}", "unknown key(s)"),
     ("search --objective mse", "--objective must be one of"),
     ("plot {f:search_malformed}", "a search file with a missing or malformed curve"),
+    # ---- nothing lost: an output that is an input, or a file of another kind, is refused before any work --
+    (E + " --allocation {f:alloc_good} --out {f:alloc_good}", "is also an input"),
+    ("export {f:ckpt_text} -o {f:ckpt_text}", "is also an input"),
+    ("quantize {f:alloc_other_model} -o {f:alloc_other_model} --classes 1", "is also an input"),
+    ("generate --model {m} --policy full --prompts {f:prompts_ok} --out {f:prompts_ok}", "is also an input"),
+    (E + " --out {f:notes}", "exists and is not a headkv results file"),
+    (E + " --mode streaming --out {f:one_line}", "exists and is not a headkv results file"),
+    ("sweep {f:grid_ok} --model {m} --corpus {t} --seq-len 64 --out {f:one_line}", "is not a headkv results"),
+    (P + " --out {f:one_line}", "exists and is not a headkv results file"),
+    ("generate --model {m} --policy full --prompts {f:prompts_ok} --out {f:results_ok}",
+     "is not a file of `headkv generate` rows"),
+    ("export {f:ckpt_text} -o {f:notes}", "exists and is not an allocation file"),
+    ("quantize {f:alloc_other_model} -o {f:results_ok} --classes 1", "exists and is not an allocation file"),
+    ("classify --model {m} --corpus {t} --out {f:notes}", "exists and is not a head profile"),
+    # ---- files and permissions ---------------------------------------------------------------------------
+    (E + " --out {f:readonly}", "is read-only"),
+    (E + " --out {f:fifo}", "not a regular file"),
+    (E + " --out /dev/null", "not a regular file"),
+    # ---- numbers beyond int64, malformed structure: one clear line, never "internal" ----------------------
+    (E + " --allocation {f:alloc_huge}", "above 1e+12 keys"),
+    (E + " --allocation {f:alloc_sum_2_63}", "above 1e+12 keys"),
+    (E + " --policy B_streaming_99999999999999999999999", "above 1e+12 keys"),
+    (E + " --policy A_window_" + "9" * 400, "out of range"),
+    (E + " --policy G_conf0.5_base99999999999999999999999 --profile {f:profile_ok}", "above 1e+12 keys"),
+    (T + " --budget 16 --init {f:alloc_huge}", "above 1e+12 keys"),
+    (E + " --allocation {f:alloc_meta_list}", "'meta' must be a JSON object"),
+    (E + " --allocation {f:alloc_deep}", "nested too deeply"),
+    (E + " --policy G_conf0.5_base8 --profile {f:alloc_deep}", "nested too deeply"),
+    ("plot {f:results_deep}", "not a JSON row"),
+    ("evaluate --config {f:yaml_deep}", "not valid YAML"),
+    ("sweep {f:grid_int_key} --model {m} --corpus {t} --seq-len 64", "a policy-name template (a string)"),
+    ("sweep {f:grid_brace} --model {m} --corpus {t} --seq-len 64", "is not a template"),
+    ("sweep {f:grid_values_list} --model {m} --corpus {t} --seq-len 64", "must map to its fields' values"),
+    ("passkey --config {f:yaml_length_empty}", "--length needs at least one value"),
+    ("evaluate --model {f:model_pickle} --corpus {t} --tokens 64 --seq-len 32", "cannot load model"),
+    ("evaluate --config {f:yaml_escape}", "unknown key(s)"),  # printed escaped: no raw escape code
+    # ---- silently accepted before: said what is valid ------------------------------------------------------
+    ("sweep {f:grid_ok} --model {m} --corpus {t} --seq-len 64 --controls shuffled",
+     "--controls are controls of allocation files"),
+    (E + " --corpus /dev/null", "not a regular file or a folder"),
+    (E + " --corpus {f:fifo}", "not a regular file or a folder"),
+    (E + " --corpus ''", "the corpus name is empty"),
+    ("evaluate --model {m} --corpus {t} --tokens 16 --seq-len 32", "--tokens must be at least --seq-len"),
+    ("sweep {f:grid_ok} --model {m} --corpus {t} --tokens 16 --seq-len 64", "--tokens must be at least"),
 ]
 
 
@@ -405,6 +477,7 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(world, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr[-2000:])
     assert message.lower() in lines[0].lower(), (args, lines[0])
     assert "Traceback" not in r.stderr + r.stdout
+    assert "\x1b" not in r.stderr + r.stdout  # names from files never reach the terminal raw
     assert _listing(tmp_path) == before, (args, _listing(tmp_path) - before)  # nothing partial or stray
     assert _listing(root) == before_root, (args, _listing(root) ^ before_root)
     assert not MARKER.exists()  # a crafted pickle never ran
@@ -431,3 +504,105 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(world, tmp_path, monkeypatch):
                 "--tokens", "64", "--seq-len", "32", "--out", str(out))
     assert r.returncode == 130 and "interrupted" in r.stderr and str(out) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---- nothing lost: appends, replaced files, reruns ---------------------------------------------------------
+def test_two_writer_processes_appending_at_once_lose_no_row(tmp_path):
+    import subprocess
+    import sys
+
+    out, repo = tmp_path / "rows.jsonl", Path(__file__).parents[1]
+    code = ("import sys\nfrom alloc.results import append_row\nfor i in range(400):\n"
+            "    append_row(sys.argv[1], {'kind': 'evaluate', 'writer': sys.argv[2], 'i': i})\n")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), w], cwd=repo, env=env) for w in "ab"]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 800
+    assert {(r["writer"], r["i"]) for r in rows} == {(w, i) for w in "ab" for i in range(400)}
+
+
+def test_an_append_drops_only_a_torn_row(tmp_path):
+    from headkv.alloc.results import ResultsError, append_row, read_rows
+
+    torn, whole, notes = tmp_path / "torn.jsonl", tmp_path / "whole.jsonl", tmp_path / "notes.txt"
+    torn.write_text('{"kind": "sweep", "i": 0}\n{"kind": "sw')  # a crash during the write of row 1
+    whole.write_text('{"kind": "sweep", "i": 0}\n{"kind": "sweep", "i": 1}')  # a row without its newline
+    notes.write_text("a note\nits last line")
+    for f in (torn, whole):
+        append_row(f, {"kind": "sweep", "i": 9})
+    assert [r["i"] for r in read_rows(torn)] == [0, 9]
+    assert [r["i"] for r in read_rows(whole)] == [0, 1, 9]
+    with pytest.raises(ResultsError):
+        append_row(notes, {"kind": "sweep", "i": 9})
+    assert notes.read_text() == "a note\nits last line"
+
+
+def test_a_replaced_output_keeps_its_mode_a_new_one_the_umask_and_a_link_its_target(tmp_path):
+    import stat
+
+    from headkv.models.common import atomic_write
+
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    kept.chmod(0o600)
+    atomic_write(kept, lambda tmp: tmp.write_text("new"))
+    assert kept.read_text() == "new" and stat.S_IMODE(kept.stat().st_mode) == 0o600
+    umask = os.umask(0o027)
+    try:
+        fresh = atomic_write(tmp_path / "fresh.json", lambda tmp: tmp.write_text("x"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write(link, lambda tmp: tmp.write_text("new"))
+    assert link.is_symlink() and target.read_text() == "new"
+    names = sorted(p.name for p in tmp_path.iterdir())  # and no temp file is left
+    assert names == ["fresh.json", "kept.json", "link.json", "target.json"]
+
+
+def test_evaluate_rerun_after_a_kill_resumes_by_key_and_prints_names_escaped(world, tmp_path, monkeypatch):
+    import headkv.alloc.evaluate
+
+    root, files = world
+    named = tmp_path / "named.json"  # an allocation whose name holds a terminal escape code
+    good = json.loads(files["alloc_good"].read_text())
+    named.write_text(json.dumps({**good, "meta": {"policy": "\x1b]0;red\x07"}}))
+    out = tmp_path / "r.jsonl"
+    args = ["evaluate", "--model", str(root / "model"), "--corpus", str(root / "text.txt"), "--tokens", "64",
+            "--seq-len", "32", "--out", str(out), "--policy", "full", "--policy", "B_streaming_8",
+            "--policy", "B_streaming_16", "--allocation", str(named)]
+    real, calls = headkv.alloc.evaluate.evaluate, []
+
+    def killed_at_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(headkv.alloc.evaluate, "evaluate", killed_at_the_third)
+    assert cli_run(*args).returncode == 130 and len(out.read_text().splitlines()) == 2
+    monkeypatch.setattr(headkv.alloc.evaluate, "evaluate", real)
+    r = cli_run(*args)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and len({x["key"] for x in rows}) == 4  # the 2 kept rows are not written twice
+    assert r.stderr.count("already measured") == 2 and "appended 2 row(s)" in r.stdout
+    assert "\x1b" not in r.stdout + r.stderr and "\\x1b]0;red\\x07" in r.stdout
+    r = cli_run("quantize", str(named), "-o", str(tmp_path / "q.json"), "--classes", "1")
+    assert r.returncode == 0 and "\x1b" not in r.stdout + r.stderr and "\\x1b]0;red\\x07" in r.stdout
+
+
+@pytest.mark.parametrize("run_id", ["../escaped", "a/b", ".."])
+def test_a_run_id_that_is_not_a_plain_name_is_refused(world, tmp_path, monkeypatch, run_id):
+    root, _ = world
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("HEADKV_RUN_ID", run_id)
+    r = cli_run("train", "--model", str(root / "model"), "--corpus", str(root / "text.txt"), "--budget", "16",
+                "--seq-len", "32", "--max-steps", "1", "--wandb-mode", "disabled")
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: HEADKV_RUN_ID"), r.stderr
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "escaped").exists()

@@ -341,7 +341,12 @@ def describe(source: str, *, encoding: str | None = None) -> str:
 
 
 def _resolve_path(source: str) -> Path:
+    """A local corpus: an existing .txt file or a folder of them (not '', a device or a pipe)."""
     path = Path(source).expanduser()
+    if not source.strip():
+        raise CorpusError("the corpus name is empty (give a corpus name, a .txt file or a folder)")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise CorpusError(f"corpus {source} is not a regular file or a folder (a device or pipe)")
     if not path.exists():
         known = ", ".join(["austen", *NONFICTION_SOURCES, *HF_SOURCES])
         raise CorpusError(f"corpus path not found: {source} (known corpora: {known}, or a .txt file/dir)")
