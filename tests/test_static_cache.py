@@ -27,6 +27,16 @@ def varied(model, seed: int = 0) -> Allocation:
     return Allocation.from_tensors(sink, window, model_id=s.model_id, q_per_kv=s.q_per_kv)
 
 
+def evicting_logits(model, alloc, ids, prompt: int):
+    """The same steps through the per-head evicting cache (PerHeadCache; a DynamicCache for full)."""
+    out = []
+    with torch.no_grad(), applied(model, alloc, evict=True) as cache:
+        out.append(model(ids[:, :prompt], cache=cache, use_cache=True).logits)
+        for t in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
 def masked_logits(model, alloc, ids):
     with torch.no_grad(), applied(model, alloc):
         return model(ids).logits
@@ -61,6 +71,7 @@ def test_static_decode_equals_masked_forward(arch, kind, prompt, layout):
     want = masked_logits(model, alloc, ids)
     got, _ = static_logits(model, alloc, ids, prompt, max_len=40, layout=layout)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, evicting_logits(model, alloc, ids, prompt), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["padded", "flat"])
@@ -88,6 +99,7 @@ def test_static_decode_on_native_sliding_layers_equals_masked_forward():
     for layout in ("padded", "flat"):
         got, _ = static_logits(model, alloc, ids, 6, max_len=48, layout=layout)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, evicting_logits(model, alloc, ids, 6), rtol=1e-4, atol=1e-4)
 
 
 def test_static_cache_refuses_what_it_does_not_serve():
