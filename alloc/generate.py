@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,7 +19,7 @@ from transformers import PreTrainedModel
 
 from headkv.alloc.allocation import Allocation, applied, kv_bytes
 from headkv.models import window as win
-from headkv.models.common import atomic_write, parse_json
+from headkv.models.common import atomic_write, parse_json, read_text
 from headkv.models.kv_cache import DeployError, kv_bytes_of
 from headkv.models.loading import model_shape
 from headkv.models.static_cache import GraphDecoder
@@ -133,12 +132,7 @@ def _static_greedy(
 
 def read_prompts(path: str) -> list[str]:
     """The prompts of a JSON-lines file (one object with a "prompt" string per line), or one error line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise DeployError(f"cannot read prompts file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise DeployError(f"prompts file {path} is not UTF-8 text") from None
+    text = read_text(path, "prompts file", DeployError)
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

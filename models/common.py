@@ -55,15 +55,19 @@ def parse_json(text: str | bytes, where: str, error: type[HeadkvError] = HeadkvE
         raise error(f"{where} is not valid JSON: {why}") from None
 
 
-def load_json(path: str | Path, what: str, error: type[HeadkvError] = HeadkvError) -> Any:
-    """The JSON value of the file ``path`` (a ``what``, e.g. "allocation file"), or one ``error`` line."""
+def read_text(path: str | Path, what: str, error: type[HeadkvError] = HeadkvError) -> str:
+    """The UTF-8 text of the file ``path`` (a ``what``, e.g. "prompts file"), or one ``error`` line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
-        raise error(f"{path} is not a text file (a {what} is JSON)") from None
-    return parse_json(text, str(path), error)
+        raise error(f"{what} {path} is not UTF-8 text") from None
+
+
+def load_json(path: str | Path, what: str, error: type[HeadkvError] = HeadkvError) -> Any:
+    """The JSON value of the file ``path`` (a ``what``, e.g. "allocation file"), or one ``error`` line."""
+    return parse_json(read_text(path, what, error), str(path), error)
 
 
 def printable(text: str) -> str:
