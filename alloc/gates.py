@@ -1,26 +1,12 @@
 """Learnable per-(layer, KV head) windows under an average-context budget, and their export.
 
-Parameterization (budget by construction): every (layer, KV head) has a free logit ``z``; its window is
+Every (layer, KV head) has a free logit ``z``; its window is ``w = 1 + (cap - 1) * sigmoid(z + b)``, the
+shift ``b`` solved so that the mean Eff.Ctx is exactly the budget at every step (``z = 0`` is
+StreamingLLM). The soft mask is :func:`models.window.soft_bias`, fed through ``SoftMask``. Export rounds
+the windows to integers with the budget repaired exactly (largest remainder), at the trained budget or
+another one (same logits, no retraining).
 
-    w = 1 + (cap - 1) * sigmoid(z + b)
-
-where ``cap`` is the training sequence length, or a layer's native sliding window where the model has one
-(a window beyond it buys nothing), and the scalar shift ``b`` is solved (bisection, float64) so that the
-mean Eff.Ctx is exactly the budget: sink + window on full-attention layers, the window alone on natively
-sliding ones (their sinks fall out of the native window, :mod:`models.window`), so no budget is spent on
-keys a layer never sees. So at every step the mean Eff.Ctx (sink + mean
-window) equals the budget, every window lies in [1, cap], and ``z = 0`` (the start) is StreamingLLM
-(every head gets ``budget - sink``). Gradients flow through ``b`` by the implicit-function theorem
-(``db/dz_i = -s'_i / sum_j s'_j``), so an update can only move window from one head to another. Exporting
-at a different budget re-solves ``b`` for the same logits: no retraining.
-
-The soft mask is :func:`models.window.soft_bias` (the one definition of window semantics); ``SoftMask``
-just feeds it the current windows and temperature through the mask-provider protocol of
-:func:`models.attention.windowed`. As ``tau -> 0`` it equals the hard mask of the exported allocation.
-
-Export rounds the windows to integers with the budget repaired exactly (largest remainder): the integer
-windows sum to ``floor(n_heads * (budget - sink))``, so mean Eff.Ctx <= budget and as close as rounding
-allows (equal whenever ``n_heads * (budget - sink)`` is an integer).
+Design: docs/design.md, section 'Learnable gates'.
 """
 
 from __future__ import annotations

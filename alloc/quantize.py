@@ -1,39 +1,13 @@
 """Quantize a per-head allocation to at most K distinct (sink, window) classes, K = 1..4: a form serving
 engines can load (they run a window per layer or per group of heads, not one per head).
 
-The method (deterministic, no model needed):
+Deterministic, no model needed: an exact 1-D dynamic program splits the heads' sorted contexts
+(``sink + window``) into contiguous classes, each member at the class's arithmetic-mean context, minimising
+the squared log ratio; rounding then repairs the budget, so the quantized Eff.Ctx never exceeds the
+original and falls short by less than a token. The result is an ordinary Allocation whose metadata records
+``classes``, ``class_of``, ``permutation``, ``quantized_from`` and ``quantize_loss``.
 
-1. Each (layer, KV head) is one item with context ``c = sink + window`` (what Eff.Ctx averages); every head
-   weighs the same, as in Eff.Ctx.
-2. The heads are split into at most K classes by an exact 1-D dynamic program over the sorted distinct
-   contexts (optimal 1-D k-means as in Wang & Song's Ckmeans.1d.dp, with one change; O(K m^2) for m
-   distinct contexts, milliseconds for thousands of heads): a class is a contiguous range of contexts (a
-   head with more context never lands in a smaller class), every member gets the class's
-   **arithmetic-mean** context, and the loss is the sum over heads of the squared log ratio
-   ``(log mean - log c)^2``. The arithmetic mean keeps the total context (so the budget) exactly before
-   rounding; the log ratio makes halving a 1024 window count as much as halving a 16 one, since perplexity
-   moves with log context (the frontier in alloc/frontier.py is log-linear too). Of the partitions into
-   1..K classes the one of least loss is kept (ties: fewer classes).
-3. Rounding with the budget repaired (the largest-remainder repair of alloc/gates.py's export,
-   generalised to classes of different sizes): each class's context becomes the floor or the ceiling of
-   its mean, choosing among those <= 2^K combinations the largest total that does not exceed the
-   original's (ties: the smaller log loss). So no class moves by a whole token from its mean, the quantized
-   Eff.Ctx never exceeds the original and falls short by (original total - quantized total) / heads < 1
-   token: it is equal whenever some floor/ceiling choice hits the total (K = 1: when the head count
-   divides it, as for a learned export at an integer budget).
-4. A class's sink is its members' common sink (their rounded mean if they differ, at most context - 1);
-   its window is the class context minus that sink (>= 1).
-
-K = 1 is a uniform allocation of the same Eff.Ctx, up to the floor (StreamingLLM when the sinks are 4). An
-allocation that already has <= K distinct (sink, window) pairs comes back unchanged (with the metadata
-below).
-
-Metadata of the result (an ordinary Allocation file, accepted by every command):
-``classes`` [[sink, window], ...] in increasing context; ``class_of`` per (layer, KV head) the class index;
-``permutation`` per layer the KV head indices ordered by class (stable), so that each class is contiguous
-once the KV heads are permuted (query heads of a GQA group and the output projection move with their KV
-head); ``quantized_from`` {policy, digest, eff_ctx} of the source; ``quantize_loss`` the root-mean-square
-log ratio between each head's new and old context; ``policy`` ``{source}_k{K}``.
+Design: docs/design.md, section 'K-class quantization'.
 """
 
 from __future__ import annotations

@@ -1,40 +1,14 @@
 """`headkv search`: the smallest average budget whose learned allocation keeps perplexity within a relative
 increase of full attention's on the eval split.
 
-Checks first. Everything that can be checked without the model is checked before it loads (an increase <= 0,
-the budget range's order, both ends feasible with the train config's sink and the sequence length, the train
-config's keys and values, the output folder, a resume with changed settings); the corpus's two splits are
-tokenized before anything is written. Each is one ``error:`` line, and nothing is written.
+Everything checkable without the model is checked before it loads (one ``error:`` line, nothing written).
+``budget_max`` is probed first, then ``budget_min``, then bisection in log space on integers between the
+largest failing and the smallest passing budget; each probe is one training run (:func:`alloc.train.fit`)
+in ``probes/b<B>/``, warm-started from the nearest trained budget, scored with the one evaluator. Files in
+``out_dir``: ``search.json`` (rewritten atomically after every probe), ``allocation.json``, ``search.png``.
+The same command resumes; changed settings are refused.
 
-Target. Full attention is scored with the one evaluator on ``n_blocks`` eval-split blocks of ``seq_len``
-tokens (the blocks of ``headkv evaluate --tokens n_blocks x seq_len``); target = full PPL x (1 +
-max_ppl_increase). A budget *passes* when its learned allocation's PPL on the same blocks is <= target (the
-point estimate; the bootstrap interval of the PPL and the paired one of its increase over full attention
-are recorded beside it).
-
-Walk. ``budget_max`` is probed first. If even it misses the target the search stops with one ``error:``
-line giving the numbers (search.json keeps the curve): that cannot be known before training. Then
-``budget_min``: if it already passes it is chosen (nothing below it is tried; the summary says so).
-Otherwise bisection in log space between the largest failing budget ``lo`` and the smallest passing one
-``hi``, on integers (each probe is the rounded geometric mean), until ``hi / lo <= 1 + tolerance`` or
-``hi - lo <= 1``; the chosen budget is ``hi``. A passing probe lowers ``hi`` and a failing one raises
-``lo``, so whatever the curve's shape every passing budget walked is >= the chosen one and every failing
-one is below it.
-
-Probe. One training run (:func:`alloc.train.fit`: the train config at the probe's budget) in
-``probes/b<B>/``, warm-started (``init``) from the exported allocation of the already trained budget
-nearest in log space (the first probe starts as the train config says: StreamingLLM unless it sets
-``init``), then scored with the one evaluator.
-
-Files in ``out_dir``: ``search.json`` (rewritten atomically after every probe: settings, full attention,
-target, the curve in the order walked, the chosen budget, total wall time over every session),
-``allocation.json`` (the chosen allocation) and ``search.png`` (also drawn by ``headkv plot search.json``).
-
-Resume. The same command continues: probes in search.json are read back; a probe whose run finished (its
-last checkpoint at max_steps with this config, and its allocation.json) is scored without training; one
-interrupted mid-run (Ctrl-C, a kill) continues from its last checkpoint. Changed settings (everything that
-changes a number: search.json's ``settings``, which include the probes' train config, and the eval tokens
-and model) are refused in one line.
+Design: docs/design.md, section 'Budget search'.
 """
 
 from __future__ import annotations

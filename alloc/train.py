@@ -1,22 +1,13 @@
 """Learn per-head windows on a frozen model: a thin LightningModule + DataModule around ``WindowGates``.
 
-Objective (default ``kl``): KL(teacher || student) per next-token distribution, where the teacher is the
-same frozen model with full attention (outside ``windowed``; no grad, computed once per block: every
-training block is distinct by default) and the student is that model under the gates' soft mask. ``ce``
-trains on the language-model loss instead (no teacher forward), ``mix`` on the mean of the two (per token).
-CE saves slightly more KV on the training novels' held-out one, KL clearly more on text of other kinds
-(README, issue 14), so KL is the default. Only the gate logits are parameters of the module: the frozen model
-is held outside the module tree, so checkpoints (and DDP) see the gates only.
+Objective ``kl`` (default: KL from the full-attention teacher, the same frozen model, to the student under
+the gates' soft mask), ``ce`` or ``mix``. Only the gate logits are parameters of the module: the frozen
+model is held outside the module tree, so checkpoints (and DDP) see the gates only. Data: blocks of the
+corpus's TRAIN split (a few held out for the periodic hard-export evaluation); the eval split is never read.
+Logging: to wandb (online, offline, or disabled) and always to a CSV file in the run directory.
 
-Data: blocks of the corpus's TRAIN split (``token_blocks(split="train")``). A few of them, spread over
-the split and disjoint from the training blocks, are held out for the periodic hard-export evaluation;
-the eval split is never read here. ``passkey_mix`` > 0 replaces that fraction of the training blocks (spread
-evenly over the run) with synthetic passkey blocks whose filler is the same TRAIN split and whose question is
-followed by its answer (:func:`alloc.passkey.training_blocks`), as DuoAttention trains its retrieval heads.
-
-Logging: loss, tau, Eff.Ctx and its violation of the budget, per-layer window statistics, a window
-heatmap (layer x KV head) and the held-out perplexity of the exported allocation; to wandb (online,
-offline, or disabled) and always to a CSV file in the run directory.
+Design: docs/design.md, section 'Training'; why KL is the default: docs/results.md, section
+'Does it transfer to other text?'.
 """
 
 from __future__ import annotations

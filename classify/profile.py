@@ -1,23 +1,11 @@
 """HeadProfile: each KV head's class (positional / mixed / gathering), confidence, score and raw statistics.
 
-The classifier rule, stated once (:class:`ClassifierRule`). The classes are named after the windows the
-study gives them (positional 16, mixed 64, gathering 256), and a head's class is the shortest of those
-windows that keeps its attention: with sink 4 kept,
+The classifier rule is stated once (:class:`ClassifierRule`): with sink 4 kept, a head is **positional**
+when ``far_mass_16 <= tau``, **gathering** when ``far_mass_64 > tau``, **mixed** otherwise. Confidence is
+the margin of the soft version of that rule; ``score`` = 0.5 p_mix + p_gat ranks heads by how much context
+they need. GQA: a KV head's far masses are the **max** over its query heads (other statistics the mean).
 
-- **positional** when the mass outside ``sink + last short`` keys (``far_mass_16``) is at most ``tau``;
-- **gathering** when the mass outside ``sink + last long`` keys (``far_mass_64``) exceeds ``tau``;
-- **mixed** otherwise (far_mass_64 <= tau < far_mass_16).
-
-Confidence is the soft version of the same rule: logits ``l_pos = (logit tau - logit far_16) / T``,
-``l_gat = (logit far_64 - logit tau) / T`` and ``l_mix = 0`` give class probabilities p by softmax; the label
-is the argmax (identical to the hard rule) and confidence = p_max - p_second in [0, 1], the margin over the
-runner-up class: 0 on a class boundary, near 1 far inside a class. It is a continuous function of measured
-masses, so it does not pile up at one value. ``score`` = 0.5 p_mix + p_gat ranks heads by how much context
-they need.
-
-GQA rule: a policy cuts a KV head for all the query heads that share it, so a KV head needs what its most
-demanding query head needs: its far masses are the **max** over its query heads (other statistics are the
-mean). Query-head statistics are kept in the profile too.
+Design: docs/design.md, section 'Head profiles'.
 """
 
 from __future__ import annotations

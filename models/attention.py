@@ -2,34 +2,13 @@
 
 ``with windowed(model, masks, positions):`` switches the model's ``config._attn_implementation`` to headkv's
 attention function (registered once, through transformers' public ``AttentionInterface`` /
-``AttentionMaskInterface``, together with its matching mask function, or transformers would silently drop
-padding masks) and switches it back on exit. Inside, every attention layer adds a per-head bias to SDPA: the
-hard 0/-inf mask of per-head (sink, window) tensors (:class:`HardMask`), or the soft bias of learnable gates.
-No model ``forward`` is copied, so GPT-NeoX (MHA, partial rotary) and Llama-style GQA models work alike;
-query heads that share a KV head get that KV head's bias. Outside ``windowed`` the registered function is
-plain SDPA. Users do not call ``windowed`` with an allocation: :func:`alloc.allocation.applied` is the one
-door that checks an allocation against the model and builds the mask and cache from it.
+``AttentionMaskInterface``) and back on exit; inside, every attention layer adds a per-head bias to SDPA. A
+mask provider is anything with ``bias(layer, q_pos, k_pos) -> (kv_heads, Q, K)`` (:mod:`models.masks`).
+The cache the patch runs with implements :class:`PositionSource`, the cache <-> attention contract
+(:class:`FullCache` by default, or an evicting cache reporting the true positions of the keys it holds).
+Users do not call ``windowed`` with an allocation: :func:`alloc.allocation.applied` is the one door.
 
-A mask provider is anything with ``bias(layer, q_pos, k_pos) -> (kv_heads, Q, K)`` (:mod:`models.masks`:
-:class:`HardMask`, :class:`SoftMask`). The cache the patch runs with implements :class:`PositionSource`, the
-cache <-> attention contract: :class:`FullCache` by default (keys 0..K-1, the queries the last Q of them), or
-an evicting cache that passes itself as ``positions`` and reports the true absolute positions of the keys it
-still holds. Model-family facts (which families are served, native sliding windows) live in
-:mod:`models.families`.
-
-``evicting = True`` (the per-head cache of :mod:`models.kv_cache`): its keys are not transformers'
-contiguous cache, so transformers' own causal mask is bypassed (the registered mask function returns
-``None`` and hands the padding mask to the cache) and causality comes from the positions alone.
-
-Padded batches: every sequence has its own positions, a real token's position being its index among its
-sequence's real tokens (:func:`models.window.positions`, what ``generate`` derives ``position_ids`` from),
-so padding never occupies a head's sink or window. Positions are then batched, queries (B, Q) and keys
-(B, K) or (B, kv_heads, K), and the bias is per sequence. This holds for the evicting cache and for the
-masked forward over a full cache alike, so both give each prompt of a left-padded batch what it gets alone.
-
-``reindex = True``: StreamingLLM's position re-indexing -- distances are counted
-inside the cache, so a head with sink ``s`` and window ``w`` never sees a distance beyond ``s + w - 1``
-(see :class:`Rotary`).
+Design: docs/design.md, section 'The attention patch'.
 """
 
 from __future__ import annotations

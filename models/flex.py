@@ -1,35 +1,14 @@
 """Block-sparse per-head window attention with FlexAttention (``torch.nn.attention.flex_attention``).
 
 The same keys as :mod:`models.window` -- from query position t a head with (sink, window) sees
-``[0, sink) U (t - window, t]``, causal -- and, optionally, a native sliding-window ``cap`` (a key is seen
-only if also ``t - k < cap``: Gemma/Mistral sliding layers; an int or a (Hkv,) tensor, None or <= 0 for none,
-as in :mod:`models.window`) and Gemma-2 logit soft-capping
-(``scores = softcap * tanh(scores / softcap)`` on the scaled scores, before masking). Unlike the dense path
-(:mod:`models.attention`: SDPA plus an additive (Hq, Q, K) bias), nothing of size Q x K is ever built: a
-:class:`BlockMask` of 128 x 128 tiles lists, per query head and query tile, which key tiles are fully
-visible (no mask evaluated), partially visible (``mask_mod`` evaluated) or empty (skipped), so a
-streaming head costs O(T * (sink + window)) instead of O(T^2).
+``[0, sink) U (t - window, t]``, causal -- optionally within a native sliding-window ``cap`` and with
+Gemma-2 logit soft-capping, computed over a :class:`BlockMask` of 128 x 128 tiles so nothing of size Q x K
+is built. :func:`hard_attention` (the hard mask), :func:`soft_attention` (the learnable soft window as a
+``score_mod``; its gradient reaches the window on CUDA only), :func:`available` (whether the compiled kernel
+runs, so a caller can fall back to the dense path). Queries (B, Hq, Q, D) are the last Q of the K keys
+(B, Hkv, K, D); output (B, Q, Hq, D). For full-cache forwards, not token-by-token decode.
 
-- :func:`hard_attention`: the hard mask (inference / evaluation), CPU and CUDA.
-- :func:`soft_attention`: the learnable soft window (``models.window.soft_bias``) as a ``score_mod``, the
-  causal limit and the cap as the block mask; the gradient reaches ``window_float`` on CUDA only
-  (FlexAttention has no backward on CPU; its forward runs there).
-- :func:`available`: whether the compiled kernel runs on a device (and head dim / dtype), so a caller can
-  fall back to the dense path.
-
-Both take queries (B, Hq, Q, D) and keys/values (B, Hkv, K, D), Hq a multiple of Hkv (GQA/MQA through
-``enable_gqa``: K/V are never repeated), the queries being the last Q of the K keys (absolute positions
-K-Q..K-1; no padding), and return (B, Q, Hq, D) like transformers' ``sdpa_attention_forward``.
-
-The block mask is built here from interval arithmetic on tiles (exact: the same tiles ``create_block_mask``
-finds, which the tests check), not by ``create_block_mask``: that one evaluates the mask on all Hq x Q x K
-points in eager mode, ~5 s per layer at T = 4096 on CPU. Block masks are cached by content
-(sink and window rows, cap, Q, K, heads, device), so the layers of one forward that share a row build it
-once. One compiled ``flex_attention`` serves the process (``dynamic=False``: one compilation per distinct
-shape, dtype and score_mod structure, seconds each on CPU; everything else -- rows, offsets, cap, softcap,
-tau -- is a captured tensor, so changing it does not recompile). Every new (Q, K) compiles once, so this is
-for full-cache forwards (prefill, the masked evaluator, training), not token-by-token decode over a growing
-K (the evicting cache of :mod:`models.kv_cache` already holds only the keys a decode step sees).
+Design: docs/design.md, section 'Two attention paths: dense and block-sparse'.
 """
 
 from __future__ import annotations

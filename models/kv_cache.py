@@ -1,65 +1,15 @@
 """Per-head evicting KV cache for real generation: each (layer, KV head) holds only its sink + window.
 
-:class:`PerHeadCache` is a transformers ``Cache`` (pinned 5.24.0). For every layer and KV head it keeps
-the head's first ``sink`` tokens and its last ``window`` tokens, exactly the keys that
-:func:`models.window.allowed` lets the *next* query see, and drops every other one as generation proceeds.
-Which keys survive, where each lives and how many there are is :mod:`models.window`'s (``keep``, ``slot``,
-``kept_tokens``); this module only stores them. It is entered through the one door, so the mask and the
-eviction come from one allocation::
+:class:`PerHeadCache` is a transformers ``Cache`` (pinned 5.24.0). It stores exactly the keys
+:mod:`models.window` says a head keeps (``keep``, ``slot``, ``kept_tokens``), ragged in one flat buffer per
+layer, so the bytes held are exactly ``Allocation.kv_bytes(T)`` per sequence. It is entered through the one
+door, so the mask and the eviction come from one allocation::
 
     with applied(model, allocation, evict=True) as cache:   # alloc.allocation.applied
         model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=20)
-        # or a hand-written decode loop; batches may be left-padded, and num_beams > 1 works
 
-Storage (why ragged): heads of one layer hold different numbers of tokens (a learned allocation gives one
-head 600 and its neighbour 20). Padding each layer to its largest head would hold up to ``n_kv_heads`` times
-the allocation's bytes in exactly the layers where per-head allocation matters, so each layer stores its
-heads *ragged* in one flat ``(batch, sum_h kept_h, head_dim)`` buffer per K and V (head ``h`` owns a
-contiguous segment: its sinks, then a ring of ``window`` slots). The bytes held are therefore exactly
-``Allocation.kv_bytes(T)`` per sequence; :meth:`PerHeadCache.bytes_held` measures them. Attention needs
-``(batch, kv_heads, K, head_dim)``: a layer whose heads hold equal counts is handed a zero-copy view; a
-ragged layer is gathered into a padded transient (empty slots at position -1, masked) that lives only for
-that layer's attention call (:meth:`PerHeadCache.transient_bytes`). A decode step (one query per sequence)
-on a ragged layer of at most ``FLAT_MAX_KV_HEADS`` KV heads skips that copy: attention reads the flat buffer
-itself as one head ``(batch, 1, S, head_dim)``, each KV head masked to its own segment
-(:func:`models.attention._flat_attention`); scoring the other heads' few segments costs less there than
-gathering the copy (profiled in ``bench/decode_speed.py``).
-
-Eviction writes in place: once every head is full, a step writes one slot per head and allocates nothing.
-While heads are still filling (``T < sink + window``) the layer is relaid out ``RESERVE`` tokens ahead
-(never past a head's sink + window), so it is copied once every ``RESERVE`` tokens rather than every step as
-transformers' ``DynamicCache`` does; slots laid out but not written yet hold position -1 (empty, masked, not
-held). A multi-token forward (prefill, or chunked streaming) attends over the held keys
-plus all its new keys, then keeps only the survivors, so any chunking gives the same result as
-token-by-token decoding.
-
-Native sliding layers (Gemma-2/3, Mistral, ...): the one door hands the cache each layer's native cap with
-the allocation already cut to it (:func:`models.window.native`), and a head's keys are its (sink, window)
-within the cap. A sink that leaves the cap (the query is ``cap`` or more tokens past it) is emptied (position
--1, masked) and never refilled: :meth:`PerHeadCache.bytes_held` stops counting it, while its slot stays
-allocated (at most ``sink`` slots per head of such a layer; :meth:`PerHeadCache.bytes_allocated` counts it).
-
-Positions: ``get_seq_length`` counts every column seen (padding included), so ``generate`` slices its inputs
-as for any cache; the cache reports each held key's position to the attention function
-(``positions(layer, q_len, k_len)``), which builds the mask from it. Transformers' causal mask is bypassed
-for this cache (its keys are not a contiguous prefix); its mask hook hands the forward's padding mask to the
-cache instead (:meth:`PerHeadCache.note_padding`). With ``reindex=True`` the attention function applies
-StreamingLLM's re-indexing (see :class:`models.attention.Rotary`).
-
-Padded batches: while no padding has arrived, the batch shares one position per slot (``pos`` (S,)), and a
-token's position is its column -- the single-sequence path, unchanged. From the first padding token on,
-each sequence counts its own real tokens (``count`` (B,)): a real token's position is its index among its
-sequence's real tokens (:func:`models.window.positions`, what ``generate`` derives ``position_ids`` from),
-padding gets no position and no slot, and every slot records its sequence's position (``pos`` (B, S)).
-So sequence b's sinks are its own first ``sink`` real tokens and its window its own last ``window``, and each
-prompt of a left-padded batch gets what it gets alone (a hand-written loop must pass ``position_ids`` as
-``generate`` does, or the model's rotary positions disagree with the cache's). The storage stays
-rectangular over the batch: each head's segment is laid out for the longest sequence
-(``kept_tokens(filled)``), and a shorter one leaves the tail of its segments empty (zeros, position -1,
-masked) until it fills them. :meth:`PerHeadCache.bytes_held` counts live entries only -- the sum over
-sequences of ``Allocation.kv_bytes(T_b)`` -- and :meth:`PerHeadCache.bytes_allocated` the tensors; they agree
-once every sequence holds its sink + window. Beam search reorders keys, values, positions and counts
-alike (:meth:`HeadLayer.reorder_cache`).
+In a padded batch each sequence counts its own real tokens: a hand-written decode loop must pass
+``position_ids`` as ``generate`` does. Design: docs/design.md, section 'The per-head evicting cache'.
 """
 
 from __future__ import annotations

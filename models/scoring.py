@@ -1,29 +1,13 @@
 """Scoring a causal LM from its final hidden states, a chunk of tokens at a time.
 
-The one place in headkv that knows how a transformers ``...ForCausalLM`` turns hidden states into logits.
-Its ``forward`` is: the base model (``model.get_decoder()``: ``model.model`` for Llama, Mistral, Qwen2/3,
-Gemma2/3 and Phi3, ``model.gpt_neox`` for GPT-NeoX), then the output embedding
-(``model.get_output_embeddings()``), then, for the families that set ``config.final_logit_softcapping``
-(Gemma2, Gemma3), ``logits = cap * tanh(logits / cap)``. :func:`hidden` runs the first part (through the
-same attention and mask functions that ``config._attn_implementation`` names, so headkv's per-head masks
-apply as they do to ``model(ids)``), :func:`logits` the rest, on any slice of the hidden states.
+The one place in headkv that knows how a transformers ``...ForCausalLM`` turns hidden states into logits:
+:func:`hidden` (the base model, through headkv's attention) and :func:`logits` (output embedding and final
+logit soft-capping). A (T x vocab) logit tensor is never held: :func:`chunked_nll`, :func:`chunked_ce` and
+:func:`chunked_kl` compute ``chunk`` rows at a time (checkpointed with gradients);
+:func:`checkpointed_layers` checkpoints every decoder layer whatever the ``training`` flag. A model type
+outside :data:`VERIFIED` is checked once against ``model(ids).logits`` and refused if they differ.
 
-A (T x vocab) logit tensor is never held: at 8192 tokens Gemma-3's 262k vocabulary makes one of 8.6 GB in
-float32. :func:`chunked_nll` (the evaluator: per-token NLL and top-1 hits), :func:`chunked_ce` and
-:func:`chunked_kl` (training losses) compute ``chunk`` rows of logits at a time; with gradients, each
-chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so its logits are recomputed in the backward
-and peak memory is O(chunk x vocab), not O(T x vocab). The teacher of :func:`chunked_kl` is also kept as
-hidden states, its log-probabilities computed per chunk (inside the checkpoint: nothing of vocab size
-outlives its chunk).
-
-:func:`checkpointed_layers` runs every decoder layer under non-reentrant activation checkpointing whatever
-the module's ``training`` flag (transformers' own ``gradient_checkpointing_enable`` checkpoints only in
-training mode; headkv's frozen model stays in eval mode, dropout off); an optional context is re-entered
-for each layer's recompute in the backward (training re-enters ``windowed`` there).
-
-A family whose CausalLM head does more than the above is caught, not mis-scored: a model type outside
-:data:`VERIFIED` is compared once against ``model(ids).logits`` on a few tokens, and refused
-(:class:`ScoringError`) if they differ.
+Design: docs/design.md, section 'Scoring long sequences'.
 """
 
 from __future__ import annotations

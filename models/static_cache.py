@@ -1,31 +1,14 @@
 """A fixed-capacity per-head KV cache whose decode step has static shapes: the GPU serving path.
 
 :class:`StaticHeadCache` holds, like :class:`models.kv_cache.PerHeadCache`, exactly each (layer, KV head)'s
-sink + window keys (which keys, and where each lives, is :mod:`models.window`'s ``keep`` / ``slot``), but
-its storage is laid out once, at the first forward, for a known most-tokens ``max_len``: a head's capacity
-is ``min(sink + window, max_len)`` and never changes. A decode step then has the same shapes every time:
-the write slots are computed on the device from a device-side position counter (no ``.item()``, no
-host-side loop over heads), one ``index_copy_`` writes every head, and the mask of slots not yet written
-(or of sinks past a native cap) comes from per-slot positions on the device. So the whole model step can
-be captured once as a CUDA graph and replayed (:class:`GraphDecoder`), which removes the launch overhead
-that dominates batch-1 decode on a GPU.
+sink + window keys (:mod:`models.window`'s ``keep`` / ``slot``), laid out once for a known ``max_len``: a
+head's capacity ``min(sink + window, max_len)`` never changes, and write slots and masks are computed on the
+device, so :class:`GraphDecoder` can capture a whole model step as a CUDA graph and replay it. Storage per
+group of layers: *padded* or *flat* (``layout``), each with one trash slot. A prefill is one multi-token
+forward into the empty cache; later multi-token forwards and padded batches are refused (the evicting
+cache serves them).
 
-Layout per layer (chosen once, from the allocation):
-
-- *uniform* (every KV head has the same sink and window, e.g. StreamingLLM or full attention): one
-  ``(B, Hkv, C + 1, D)`` tensor per K and V, attended by SDPA with grouped-query heads as any cache;
-- *ragged* (heads of unequal capacity): one flat ``(B, S + 1, D)`` buffer, head ``h`` owning the segment
-  ``[offset_h, offset_h + capacity_h)``; a decode step attends over it as one KV head, each query head masked
-  to its own segment (:func:`models.attention._flat_attention`). The bytes held are exactly the
-  allocation's (no padding to the largest head); scoring the other heads' segments is the price, small next
-  to the weights at batch 1 and a batched matrix product at large batches.
-
-The ``+ 1`` is a trash slot: a prefill writes the tokens no head keeps there (always masked).
-Prefill: one multi-token forward into the empty cache (its queries see the new keys under the allocation's
-mask, on the FlexAttention path for long prompts), then the survivors are written in one scatter. Later
-multi-token forwards and padded batches are refused in one line: :class:`models.kv_cache.PerHeadCache`
-serves those. Full attention as a static cache (the fair GPU baseline beside transformers' DynamicCache) is
-the uniform allocation with window ``max_len``.
+Design: docs/design.md, section 'The static cache (the GPU serving path)'.
 """
 
 from __future__ import annotations

@@ -1,32 +1,13 @@
 """The one definition of headkv's window semantics.
 
 From query position t, a head with (sink, window) attends to keys at positions
-``[0, sink) U (t - window, t]`` (never to the future). On a layer the model itself runs with a sliding
-window (its *native cap*, e.g. Gemma-2/3's sliding layers, Mistral, Qwen2 with ``use_sliding_window``), a
-head's keys are the intersection with the native pattern ``(t - cap, t]``: a head with (sink, window)
-under cap sees ``([0, sink) U (t - window, t]) & (t - cap, t]``. So once ``t >= cap + sink - 1`` its sinks
-are out of reach for good (the cache drops them), a window beyond the cap buys nothing, and a head with
-``window >= cap`` is exactly ``(0, cap)`` (:func:`native`). Every measure below takes the cap (``None``:
-the layer is not natively sliding), so Eff.Ctx, realized context and KV bytes count what is really kept.
-Everything else in headkv -- the masked evaluator, the block-sparse path, the evicting generation cache, the
-learnable soft gates, every KV-bytes figure -- calls into this module (the block-sparse tiles of
-:mod:`models.flex` restate ``allowed`` as intervals, tested equal), so there is exactly one place that says
-which keys a head sees and holds:
+``[0, sink) U (t - window, t]`` (never to the future); on a layer with a native sliding window ``cap``,
+``([0, sink) U (t - window, t]) & (t - cap, t]``. Everything else in headkv calls into this module:
+``allowed`` / ``hard_bias`` (which keys a query sees), ``keep`` / ``slot`` / ``kept_tokens`` (which keys a
+cache holds, where, how many), ``positions`` (a padded batch's positions), ``kv_bytes`` and ``soft_bias``
+(the differentiable relaxation for the learnable gates; as ``tau -> 0`` exactly the hard mask).
 
-- ``allowed`` / ``hard_bias``: which keys a query sees (the masked evaluator);
-- ``keep`` / ``slot`` / ``kept_tokens``: which keys a cache still holds after T tokens, where each one
-  lives (sinks first, then a ring of ``window`` slots) and how many there are (the evicting cache);
-- ``positions``: the positions of a padded batch (each sequence counts its own real tokens; padding is -1,
-  so it never occupies a head's sink or window); ``allowed`` and ``keep`` also take such batched positions;
-- ``kv_bytes``: the bytes those keys and values take;
-- ``soft_bias``: the differentiable relaxation (the learnable gates).
-
-``soft_bias`` is the differentiable relaxation used for learning: an additive attention bias
-``logsigmoid(edge(window, distance) / tau)`` on non-sink keys, with ``edge = window - 0.5 - distance``
-(``"linear"``, tau in tokens) or ``log(window - 0.5) - log(distance)`` (``"log"``, tau in log-distance: a
-key 5x beyond the window still carries a gradient, where the linear edge's is zero a few tau out). As
-``tau -> 0`` either becomes 0 on every key that ``allowed`` keeps and ``-inf`` on every other key (the 0.5
-puts the step between two integer distances, so the limit is exactly the hard mask).
+Design: docs/design.md, section 'The window rule'.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Padded batches and beam search through the per-head evicting cache (issue 13, parts 2 and 3).
+"""Padded batches and beam search through the per-head evicting cache (measured in docs/results.md,
+section 'Generation speed and memory').
 
 Each sequence of a left-padded batch has its own positions (its index among its own real tokens, as
 ``generate`` derives ``position_ids`` from the attention mask), so its sinks are its own first tokens, its
