@@ -47,11 +47,11 @@ class _Rows:
         self.uniform = all(bool((x == x[0]).all()) for x in (sink, window, capv))
         self.layout = layout
         self.step = -1  # the host step (tokens seen) whose slots and mask are below
-        self.slot = self.bias = self.src = None
+        self.slot = self.bias = self.src = self.device = None
 
     def initialize(self, batch: int, q_heads: int, device: torch.device, dtype: torch.dtype) -> None:
         """Lay the group out for ``batch`` sequences (the layout decided here) on ``device``."""
-        if getattr(self, "device", None) is not None:
+        if self.device is not None:  # laid out by the group's first layer
             return
         if self.layout == "auto":
             self.layout = "flat" if not self.uniform and batch >= FLAT_FROM_BATCH else "padded"
