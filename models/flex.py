@@ -295,9 +295,10 @@ class _WindowGrad(torch.autograd.Function):
     With the bias ``g(w, d)`` added to scores ``S``, ``dL/dw = sum_{q,k} dS_qk dg/dw``, ``dS = P o (dP - D)``
     (``dP = dO V^T``, ``D = rowsum(dO o O)``). Writing ``P_qk g'_qk = exp(S + g + log g' - lse_q)``, a second
     forward under the score ``S + g + log g'`` gives ``out'`` and ``lse'``, and the sums over keys close:
-    ``dL/dw = sum_q exp(lse'_q - lse_q) (dO_q . out'_q - D_q)`` -- two flex forwards, nothing of size Q x K,
-    exact (no band cut), no gradient through a captured tensor. ``dO`` passes through unchanged to flex's
-    own backward for the query, key and value gradients (the window is a constant there)."""
+    ``dL/dw = sum_q exp(lse'_q - lse_q) (dO_q . out'_q - D_q)`` -- two flex forwards under one block mask,
+    nothing of size Q x K, exact for the forward it differentiates, no gradient through a captured tensor.
+    ``dO`` passes through unchanged to flex's own backward for the query, key and value gradients (the window
+    is a constant there)."""
 
     @staticmethod
     def forward(ctx, out, window, lse, query, key, value, run):  # noqa: ANN001
