@@ -1,0 +1,170 @@
+"""kvpress's presses on the peer protocol (runs in bench/peers/.venv, made by setup.sh; imports no headkv).
+
+The protocol (shared with protocol.py): a context of N tokens is prefilled under ``with press(model):`` --
+kvpress hooks each attention layer's forward and, after the prefill's attention has run with every key,
+compresses that layer's DynamicCache to an average of B entries per KV head (compression ratio
+r = 1 - B/N) -- then the next M tokens are fed one at a time with ``past_key_values=cache`` at positions
+N, N+1, ... (no further compression: kvpress compresses the prefill only), and the mean NLL of the M tokens
+they predict is scored. Token-by-token feeding is how kvpress's own pipeline decodes; it also keeps the
+continuation exact for every press (a multi-token forward over a compressed cache would get a causal mask
+laid out by cache index, which is wrong once the cache is shorter than the positions, and PyramidKV's
+per-layer lengths differ).
+
+    bench/peers/.venv/bin/python bench/peers/run_kvpress.py --tokens results/peers/tokens.json \\
+        --budget 64 --out results/peers/kvpress.jsonl
+
+One JSON row per (press, B, sample): {"source": "kvpress", "method", "B", "sample", "nll", "kept_mean", ...};
+a press that cannot run here writes one row per B with "skipped": the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from the hub: the model is a local folder
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from kvpress import (  # noqa: E402
+    AdaKVPress,
+    ExpectedAttentionPress,
+    KnormPress,
+    PyramidKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
+from kvpress.utils import compute_n_kept  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+# name -> a press at compression ratio r (defaults as kvpress ships them unless the name says otherwise)
+PRESSES = {
+    "full": None,  # no press: the uncompressed reference (kept = N)
+    "StreamingLLMPress": lambda r: StreamingLLMPress(compression_ratio=r, n_sink=4),
+    "SnapKVPress": lambda r: SnapKVPress(compression_ratio=r),
+    "TOVAPress": lambda r: TOVAPress(compression_ratio=r),
+    "KnormPress": lambda r: KnormPress(compression_ratio=r),
+    "ExpectedAttentionPress": lambda r: ExpectedAttentionPress(compression_ratio=r),
+    "PyramidKVPress": lambda r: PyramidKVPress(compression_ratio=r),
+    # kvpress's PyramidKV falls back to SnapKV unless B / beta >= window_size (see README): a window of 3
+    # query tokens lets the pyramid engage at B = 64 with the default beta = 20
+    "PyramidKVPress(window_size=3)": lambda r: PyramidKVPress(compression_ratio=r, window_size=3),
+    "AdaKVPress(SnapKVPress)": lambda r: AdaKVPress(SnapKVPress(compression_ratio=r)),
+    # SnapKV pads its observation window's scores to the top, so with the default window_size = 64 >= B it
+    # keeps just the last B tokens (no sink); a 16-token window leaves B - 16 entries to its scores
+    "SnapKVPress(window_size=16)": lambda r: SnapKVPress(compression_ratio=r, window_size=16),
+    "AdaKVPress(SnapKVPress(window_size=16))":
+        lambda r: AdaKVPress(SnapKVPress(compression_ratio=r, window_size=16)),
+}
+SKIPPED = {
+    "DuoAttentionPress": "needs the hub: its head patterns are downloaded from the DuoAttention GitHub repo "
+    "(and only for six 7-8B checkpoints, not SmolLM2); on_the_fly_scoring loads kmfoda/booksum from the "
+    "Hugging Face hub and the tokenizer by config.name_or_path",
+}
+DEFAULT = list(PRESSES)
+
+
+def ratio(n: int, b: int) -> float:
+    """r = 1 - B/N, checked against kvpress's own rounding (int(N * (1 - r)) kept per head)."""
+    r = 1 - b / n
+    if compute_n_kept(n, r) != b:  # float truncation: nudge half a token up, which int() floors back to B
+        r = 1 - (b + 0.5) / n
+    assert compute_n_kept(n, r) == b, (n, b, r)
+    return r
+
+
+def kept_per_head(model, cache: DynamicCache, n: int) -> float:
+    """Mean KV entries per (layer, KV head) the compressed cache holds for the context: the cache length,
+    less the keys a head-wise press (AdaKV) masks out in place (``module.masked_key_indices``)."""
+    total, heads = 0, 0
+    for i, layer in enumerate(model.model.layers):
+        k = cache.layers[i].keys  # (1, Hkv, L, D)
+        h, length = k.shape[1], k.shape[2]
+        masked = getattr(layer.self_attn, "masked_key_indices", None)
+        total += h * length - (0 if masked is None else len(masked[0]))
+        heads += h
+    return total / heads
+
+
+@torch.no_grad()
+def run_one(model, press, ids: torch.Tensor, n: int, m: int) -> tuple[float, float]:
+    """(mean NLL of ids[n+1 : n+m+1], mean kept entries per head) under the protocol."""
+    cache = DynamicCache()
+    ctx = press(model) if press is not None else contextlib.nullcontext()
+    with ctx:
+        model(input_ids=ids[:, :n], past_key_values=cache, use_cache=True)
+    kept = kept_per_head(model, cache, n)
+    nll = []
+    for i in range(m):
+        p = n + i
+        out = model(input_ids=ids[:, p : p + 1], past_key_values=cache, use_cache=True,
+                    position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]))
+        nll.append(F.cross_entropy(out.logits[:, -1].float(), ids[:, p + 1]).item())
+    return sum(nll) / len(nll), kept
+
+
+@torch.no_grad()
+def dense_nll(model, ids: torch.Tensor, n: int, m: int) -> float:
+    """The uncompressed reference in one forward over n + m tokens (checks the token-by-token path)."""
+    logits = model(input_ids=ids[:, : n + m], use_cache=False).logits[0, n : n + m].float()
+    return F.cross_entropy(logits, ids[0, n + 1 : n + m + 1]).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=Path, default=Path("results/peers/tokens.json"))
+    ap.add_argument("--budget", "-B", type=int, nargs="+", default=[64], help="average KV entries per head")
+    ap.add_argument("--press", nargs="+", default=DEFAULT + list(SKIPPED),
+                    help=f"of {list(PRESSES) + list(SKIPPED)}")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation (AdaKV refuses eager)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("results/peers/kvpress.jsonl"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    spec = json.loads(a.tokens.read_text())
+    n, m = spec["N"], spec["M"]
+    samples = torch.tensor(spec["ids"], dtype=torch.long)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                 attn_implementation=a.attn).eval()
+    meta = {"source": "kvpress", "kvpress": importlib.metadata.version("kvpress"),
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "N": n, "M": m, "attn": a.attn}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with a.out.open("w") as f:
+        for k, ids in enumerate(samples):
+            ref = dense_nll(model, ids[None], n, m)
+            print(f"sample {k}: full attention, one forward: NLL {ref:.6f}", flush=True)
+        for name in a.press:
+            for b in a.budget:
+                if name in SKIPPED:
+                    f.write(json.dumps({**meta, "method": name, "B": b, "skipped": SKIPPED[name]}) + "\n")
+                    print(f"{name}: skipped: {SKIPPED[name]}", flush=True)
+                    continue
+                r = ratio(n, b)
+                for k, ids in enumerate(samples):
+                    t0 = time.perf_counter()
+                    press = PRESSES[name](r) if PRESSES[name] else None
+                    nll, kept = run_one(model, press, ids[None], n, m)
+                    row = {**meta, "method": name, "B": b if press else n, "budget": b, "ratio": r,
+                           "sample": k,
+                           "nll": nll, "kept_mean": kept, "seconds": round(time.perf_counter() - t0, 2)}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    print(f"{name} B={b} sample {k}: NLL {nll:.6f}, kept/head {kept:.2f}, "
+                          f"{row['seconds']} s", flush=True)
+                if press is None:
+                    break  # "full" does not depend on B
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

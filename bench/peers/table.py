@@ -1,0 +1,91 @@
+"""Join the peer protocol's JSON rows (run_kvpress.py and protocol.py) into one markdown table.
+
+Rows: press / allocation; columns: B (average context KV entries per head after compression at N); each
+cell: mean NLL over the samples (and its PPL, exp of that mean). Then the cross-check: kvpress's
+StreamingLLMPress against headkv's B_streaming_B at each B, sample by sample. Any Python runs it (stdlib
+only):
+
+    python3 bench/peers/table.py results/peers/kvpress.jsonl results/peers/headkv.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def rows(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", type=Path, nargs="+")
+    a = ap.parse_args()
+    data = rows(a.files)
+    cells: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    per_sample: dict[tuple[str, str, int, int], float] = {}
+    skipped: dict[str, str] = {}
+    kept: dict[tuple[str, str, int], float] = {}
+    budgets: set[int] = set()
+    n = m = samples = None
+    for r in data:
+        if "skipped" in r:
+            skipped[r["method"]] = r["skipped"]
+            continue
+        key = (r["source"], r["method"])
+        cells[key][r["B"]].append(r["nll"])
+        per_sample[(r["source"], r["method"], r["B"], r["sample"])] = r["nll"]
+        kept[(r["source"], r["method"], r["B"])] = r["kept_mean"]
+        n, m = r["N"], r["M"]
+        budgets.add(r["B"])
+    cols = sorted(budgets)
+    samples = max((len(v) for c in cells.values() for v in c.values()), default=0)
+    print(f"N = {n} context tokens, M = {m} scored tokens, {samples} samples; cell: mean NLL (PPL); "
+          "B = mean context KV entries per KV head after compression\n")
+    print("| source | press / allocation | " + " | ".join(f"B = {b}" for b in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    order = sorted(cells, key=lambda k: (k[1] != "full", k[0], k[1]))
+    for key in order:
+        vals = []
+        for b in cols:
+            v = cells[key].get(b)
+            if not v:
+                vals.append("")
+                continue
+            mean = sum(v) / len(v)
+            note = "" if abs(kept[(*key, b)] - b) < 1e-6 else f" [kept {kept[(*key, b)]:.2f}]"
+            vals.append(f"{mean:.4f} ({math.exp(mean):.2f}){note}")
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(vals) + " |")
+    for name, why in sorted(skipped.items()):
+        print(f"| kvpress | {name} | skipped: {why} |" + " |" * (len(cols) - 1))
+    print()
+    for b in cols:
+        if b == n:
+            continue  # the full-attention column: checked below
+        ours, theirs = ("headkv", f"B_streaming_{b}", b), ("kvpress", "StreamingLLMPress", b)
+        pairs = [(per_sample[(*theirs, k)], per_sample[(*ours, k)]) for k in range(samples)
+                 if (*theirs, k) in per_sample and (*ours, k) in per_sample]
+        if not pairs:
+            print(f"cross-check B = {b}: no StreamingLLMPress / B_streaming_{b} pair")
+            continue
+        diffs = [abs(x - y) for x, y in pairs]
+        print(f"cross-check B = {b}: |NLL(kvpress StreamingLLMPress) - NLL(headkv B_streaming_{b})| "
+              "per sample: "
+              + ", ".join(f"{d:.2e}" for d in diffs) + f"; max {max(diffs):.2e}")
+    kv, hk = ("kvpress", "full", n), ("headkv", "full", n)
+    full = [(per_sample[(*kv, k)], per_sample[(*hk, k)]) for k in range(samples)
+            if (*kv, k) in per_sample and (*hk, k) in per_sample]
+    if full:
+        print(f"cross-check full attention (transformers of each venv): max |NLL difference| "
+              f"{max(abs(x - y) for x, y in full):.2e}")
+
+
+if __name__ == "__main__":
+    main()
