@@ -373,7 +373,7 @@ def quantize(cfg: QuantizeConfig) -> None:
 def generate(cfg: GenerateConfig) -> None:
     """Greedy generation through the allocation's real per-head cache: one --prompt (prints the text and the KV
     bytes held) or a --prompts file in left-padded batches (one JSON row per prompt in --out)."""
-    from headkv.alloc.generate import encode, generate_rows, read_prompts, save_rows, summary
+    from headkv.alloc.generate import check_static, encode, generate_rows, read_prompts, save_rows, summary
     from headkv.models.kv_cache import DeployError
     from headkv.models.loading import model_shape
 
@@ -385,6 +385,8 @@ def generate(cfg: GenerateConfig) -> None:
     if cfg.reindex and e.allocation is None:
         raise DeployError("--reindex needs an allocation: full attention holds every token")
     ids = encode(tok, prompts, None if cfg.reindex else model_shape(lm).max_positions, cfg.max_new_tokens)
+    if cfg.static:
+        check_static(ids, cfg.batch_size)
     with _bar("generate", len(ids)) as bar:
         rows = generate_rows(lm, tok, e.allocation, ids, cfg.max_new_tokens, cfg.batch_size, cfg.reindex, bar.update,
                              static=cfg.static)

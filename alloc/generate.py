@@ -70,6 +70,8 @@ def generate_rows(
     quadratic mask), then ``generate`` continues from the filled cache. ``static``: the fixed-capacity cache
     instead (:mod:`models.static_cache`: one prefill, then decode steps replayed as a CUDA graph on a GPU;
     the prompts of a batch must have one length); its KV bytes held are the tensors it allocated."""
+    if static:
+        check_static(prompts, batch_size)
     shape = model_shape(model)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -85,7 +87,7 @@ def generate_rows(
         ids, mask = ids.to(model.device), mask.to(model.device)
         pos = win.positions(mask.bool()).clamp(min=0)  # generate's position ids (padding at 0)
         if static:
-            out, cache = _static_greedy(model, allocation, ids, mask, max_new_tokens)
+            out, cache = _static_greedy(model, allocation, ids, max_new_tokens)
         else:
             with applied(model, allocation, evict=True, reindex=reindex) as cache:
                 for a in range(0, ids.shape[1] - 1, prefill_chunk):
@@ -114,13 +116,17 @@ def generate_rows(
     return rows
 
 
+def check_static(prompts: list[list[int]], batch_size: int) -> None:
+    """The static cache serves unpadded batches: refuse, before any compute, a batch of unequal prompts."""
+    for lo in range(0, len(prompts), batch_size):
+        if len({len(x) for x in prompts[lo : lo + batch_size]}) > 1:
+            raise DeployError("--static needs the prompts of a batch to have one length (use --batch-size 1)")
+
+
 def _static_greedy(
-    model: PreTrainedModel, allocation: Allocation | None, ids: torch.Tensor, mask: torch.Tensor,
-    max_new_tokens: int,
+    model: PreTrainedModel, allocation: Allocation | None, ids: torch.Tensor, max_new_tokens: int
 ) -> tuple[torch.Tensor, Any]:
     """Greedy tokens through the static cache: (prompt + new ids, the cache after them)."""
-    if not bool(mask.all()):
-        raise DeployError("--static needs the prompts of a batch to have one length (use --batch-size 1)")
     max_len = ids.shape[1] + max_new_tokens
     with applied(model, allocation, evict=True, static=max_len, backend="auto") as cache:
         nxt = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)

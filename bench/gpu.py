@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +45,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from kv_memory import fail  # noqa: E402
 from train_step import SHAPES, measure  # noqa: E402
 
 from headkv.alloc.allocation import Allocation, applied  # noqa: E402
 from headkv.models import flex  # noqa: E402
 from headkv.models.common import atomic_write  # noqa: E402
+from headkv.models.kv_cache import kv_bytes_of  # noqa: E402
 from headkv.models.loading import freeze, model_shape  # noqa: E402
 from headkv.models.static_cache import GraphDecoder  # noqa: E402
 
 SINK, BUDGET = 4, 128
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse's own errors: one line too, not usage + error
+        fail(message)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-init", default="pythia-2.8b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
@@ -69,7 +77,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip", nargs="*", default=[], choices=["cuda_tests", "train", "profile", "decode",
                                                               "fixed_memory", "attention"])
     ap.add_argument("--out", type=Path, required=True)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check(args)
+    return args
+
+
+def check(args: argparse.Namespace) -> None:
+    """Bad values end in one ``error:`` line, exit 2, before a model is built or a file written."""
+    if min(args.lengths) < 2 or min(args.train_lengths) <= BUDGET:
+        fail(f"--lengths must be >= 2 and --train-lengths > {BUDGET} (the gates' budget); got "
+             f"{args.lengths} and {args.train_lengths}")
+    if args.batch < 1 or args.steps < 1 or args.max_batch < 1:
+        fail(f"--batch, --steps and --max-batch must be >= 1; got {args.batch}, {args.steps}, "
+             f"{args.max_batch}")
+    if not (0 < args.memory_gib < float("inf")):
+        fail(f"--memory-gib must be a positive number of GiB, got {args.memory_gib}")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        fail(f"--device must be cpu or cuda (with a CUDA device present), got {args.device!r}")
+    if args.out.exists() and not args.out.is_file():
+        fail(f"--out {args.out} exists and is not a regular file")
 
 
 def sync(device: str) -> None:
@@ -122,11 +150,11 @@ def decode(model, label: str, alloc, prompt: torch.Tensor, steps: int, batch: in
             cache.batch_repeat_interleave(batch)
             logits = logits.expand(batch, -1)
         nxt = logits.argmax(-1, keepdim=True)
-        if label == "dynamic_full":
-            def step(x):
-                return model(x, cache=cache, use_cache=True).logits[:, -1]
-        else:
-            step = GraphDecoder(model, cache).step
+        decoder = None if label == "dynamic_full" else GraphDecoder(model, cache)
+
+        def step(x):
+            return decoder.step(x) if decoder else model(x, cache=cache, use_cache=True).logits[:, -1]
+
         for _ in range(3):  # warm-up (and, on CUDA, the graph capture)
             nxt = step(nxt).argmax(-1, keepdim=True)
         sync(device)
@@ -135,11 +163,10 @@ def decode(model, label: str, alloc, prompt: torch.Tensor, steps: int, batch: in
             nxt = step(nxt).argmax(-1, keepdim=True)
         sync(device)
         seconds = time.perf_counter() - start
-        total = (cache.bytes_allocated() if hasattr(cache, "bytes_allocated")
-                 else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
-        graphed = bool(getattr(getattr(step, "__self__", None), "graphed", False))
+        total = kv_bytes_of(cache)
     return {"cache": label, "batch": batch, "tokens_per_s": batch * steps / seconds,
-            "step_ms": 1e3 * seconds / steps, "kv_bytes_per_seq": total // batch, "cuda_graph": graphed}
+            "step_ms": 1e3 * seconds / steps, "kv_bytes_per_seq": total // batch,
+            "cuda_graph": bool(decoder and decoder.graphed)}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -215,8 +242,10 @@ def attention_section(model, args, allocs) -> dict:
     return out
 
 
-def train_section(args) -> dict:
-    out = {}
+def train_section(args, profiled: bool) -> tuple[dict, dict | None]:
+    """Train-step ratios at each length; with ``profiled``, the profile of one KL step at the shortest one
+    (on the same model, already warm)."""
+    out, prof = {}, None
     for t in args.train_lengths:
         model = build(args, t)
         ns = argparse.Namespace(device=args.device, seq_len=t, budget=float(BUDGET), sink=SINK, warmup=1,
@@ -232,23 +261,22 @@ def train_section(args) -> dict:
         out[str(t)] = row
         print(f"train T={t}: KL {row['ratio_step_to_plain']:.2f}x CE {row['ratio_ce_step_to_plain']:.2f}x "
               f"of plain fwd+bwd; flex {row['flex_trains']}", flush=True)
+        if profiled and t == min(args.train_lengths):
+            prof = profile_step(model, blocks, args)
         del model
         free()
-    return out
+    return out, prof
 
 
-def profile_train(args, t: int, top: int = 15) -> dict:
-    """Where a KL training step's device time goes at T tokens: torch.profiler's top kernels by self time."""
+def profile_step(model, blocks: torch.Tensor, args, top: int = 15) -> dict:
+    """Where a KL training step's device time goes: torch.profiler's top kernels by self time."""
     from torch.profiler import ProfilerActivity, profile
 
     from headkv.alloc.gates import WindowGates
     from headkv.alloc.train import distill_loss
 
-    model = build(args, t)
-    blocks = torch.randint(0, model.config.vocab_size, (1, t), device=args.device)
+    t = blocks.shape[1]
     gates = WindowGates(model_shape(model).shape, float(BUDGET), t, SINK).to(args.device)
-    distill_loss(model, gates, blocks, tau=2.0, backend="auto").backward()  # warm: compiled kernels, probe
-    sync(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=activities) as prof:
         distill_loss(model, gates, blocks, tau=2.0, backend="auto").backward()
@@ -256,8 +284,6 @@ def profile_train(args, t: int, top: int = 15) -> dict:
     key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, key, 0) for e in events) or 1
-    del model
-    free()
     return {"tokens": t, "total_ms": total / 1e3, "top": [
         {"name": e.key[:120], "ms": getattr(e, key, 0) / 1e3, "share": getattr(e, key, 0) / total,
          "calls": e.count} for e in events[:top]]}
@@ -299,9 +325,10 @@ def main(argv: list[str] | None = None) -> None:
         save("cuda_tests", cuda_tests())
         print("cuda tests:", result["cuda_tests"]["summary"], flush=True)
     if "train" not in args.skip:
-        save("train", train_section(args))
-    if "profile" not in args.skip:
-        save("train_profile", profile_train(args, min(args.train_lengths)))
+        train, prof = train_section(args, "profile" not in args.skip)
+        save("train", train)
+        if prof is not None:
+            save("train_profile", prof)
     longest = max(args.lengths)
     model = build(args, longest + args.steps + 16)
     tokens = torch.randint(0, model.config.vocab_size, (longest,), device=args.device)

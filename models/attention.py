@@ -47,7 +47,8 @@ class PositionSource(Protocol):
 
     def decode_bias(self, layer: int, k_len: int, q_heads: int = 0) -> torch.Tensor | None:
         """Evicting only, after a one-token write: the bias ((B,) Hkv, 1, K) masking the empty slots of the
-        held keys (each holds exactly the keys the query may see), or None when nothing needs masking."""
+        held keys (each holds exactly the keys the query may see), or one row per query head ((B,) q_heads,
+        1, K) already repeated, or None when nothing needs masking."""
         ...
 
     def note_padding(self, attention_mask: torch.Tensor | None, q_len: int) -> None:
@@ -239,7 +240,7 @@ def _block_sparse(state: _State, query: torch.Tensor) -> bool:
     """Whether this call takes the FlexAttention path: asked for ("flex", or "auto" from
     FLEX_MIN_QUERIES queries on), a full-cache forward without padding or re-indexing (the queries are the
     last Q of the keys), and a kernel that runs here (soft gates that need a gradient: CUDA only)."""
-    if state.backend == "dense" or (state.backend == "auto" and query.shape[2] < FLEX_MIN_QUERIES):
+    if not _flex_wanted(state.backend, query.shape[2]):
         return False
     if state.rotary is not None or state.padding or not state.positions.prefix:
         return False
@@ -247,40 +248,40 @@ def _block_sparse(state: _State, query: torch.Tensor) -> bool:
     if not isinstance(masks, HardMask):
         if not isinstance(masks, SoftMask) or masks.sink.is_floating_point():
             return False  # another provider, or learned (soft) sinks: the dense soft bias only
-        if masks.window.requires_grad and torch.is_grad_enabled():
-            return _flex_trains(query)  # probed: the dense soft bias trains where flex cannot
+        if masks.window.requires_grad and torch.is_grad_enabled():  # probed: dense trains where flex cannot
+            return _flex_trains(query.device, query.shape[-1], query.dtype)
     from headkv.models import flex
 
     return flex.available(query.device, query.shape[-1], query.dtype)
+
+
+def _flex_wanted(backend: str, query_len: int) -> bool:
+    """Whether ``backend`` asks for FlexAttention at this many queries ("auto": from FLEX_MIN_QUERIES on)."""
+    return backend == "flex" or (backend == "auto" and query_len >= FLEX_MIN_QUERIES)
 
 
 def soft_trains_on_flex(backend: str, query_len: int, device: torch.device | str, head_dim: int,
                         dtype: torch.dtype) -> bool:
     """Whether a training forward of learnable soft gates under ``backend`` takes the FlexAttention path
     (then nothing of size T x T is kept for the backward, and the caller need not recompute layers)."""
-    if backend == "dense" or (backend == "auto" and query_len < FLEX_MIN_QUERIES):
-        return False
-    from headkv.models import flex
-
-    return flex.trainable(device, head_dim, dtype)
+    return _flex_wanted(backend, query_len) and _flex_trains(torch.device(device), head_dim, dtype)
 
 
 _FELL_BACK: set[tuple] = set()
 
 
-def _flex_trains(query: torch.Tensor) -> bool:
+def _flex_trains(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the soft window trains through FlexAttention here (:func:`models.flex.trainable`); a CUDA
     device where it does not says so once, in one log line, and the dense soft bias takes over."""
     from headkv.models import flex
 
-    ok = flex.trainable(query.device, query.shape[-1], query.dtype)
-    key = (query.device.type, query.shape[-1], query.dtype)
-    if not ok and query.device.type == "cuda" and key not in _FELL_BACK:
+    ok = flex.trainable(device, head_dim, dtype)
+    key = (device.type, head_dim, dtype)
+    if not ok and device.type == "cuda" and key not in _FELL_BACK:
         _FELL_BACK.add(key)
         logging.getLogger(__name__).warning(
             "FlexAttention does not train here (torch %s, head dim %d, %s): the dense soft bias trains "
-            "instead",
-            torch.__version__, query.shape[-1], str(query.dtype).removeprefix("torch."))
+            "instead", torch.__version__, head_dim, str(dtype).removeprefix("torch."))
     return ok
 
 

@@ -96,7 +96,6 @@ class _Rows:
             self.pos.copy_(held)
             src = torch.cat([heads * seen + held[:-1].clamp(min=0), held.new_zeros(1)])
         self.t.fill_(seen)
-        self.bias = None
         return src
 
     def advance(self, step: int) -> None:
@@ -297,10 +296,6 @@ class StaticHeadCache(Cache):
         """Count ``steps`` tokens written by replaying a captured step (the device counters moved already)."""
         for layer in self.layers:
             layer.seen += steps
-
-    def bytes_allocated(self) -> int:
-        """Bytes of the K and V tensors (all layers, the whole batch), trash slots and padding included."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
 
 
 class GraphDecoder:

@@ -81,6 +81,7 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
         "prompts_empty_prompt": "{\"prompt\": \"hello\"}\n{\"prompt\": \"\"}\n",
         "prompts_long": json.dumps({"prompt": " the" * 600}) + "\n",
         "prompts_ok": "{\"prompt\": \"hello\"}\n",
+        "prompts_unequal": "{\"prompt\": \"hello\"}\n{\"prompt\": \"hello there, my friend\"}\n",
         "search_malformed": json.dumps({"kind": "search", "settings": {}, "full": {"ppl": 9.0},
                                         "target_ppl": 9.2, "curve": 3}),
         "train_yaml_ddp": "devices: 2\n",
@@ -351,6 +352,10 @@ CASES = [
     ("generate --model {m} --policy full --prompts {f:prompts_ok} --out {f:empty_dir}", "is a folder"),
     ("generate --model {m} --policy full --prompts {f:prompts_ok} --out {d}/o.jsonl --batch-size 0",
      "--batch-size must be between"),
+    (G + " --policy B_streaming_16 --static --reindex", "--static and --reindex do not combine"),
+    ("generate --model {m} --policy full --prompts {f:prompts_unequal} --out {d}/o.jsonl --batch-size 2"
+     " --static",
+     "--static needs the prompts of a batch to have one length"),
     (G, "exactly one of"),
     (G + " --policy full --allocation {f:alloc_json}", "exactly one of"),
     (G + " --policy full --max-new-tokens 0", "--max-new-tokens must be between"),

@@ -15,6 +15,7 @@ from test_families import mixed
 from test_families import tiny as family_model
 
 from headkv.alloc.allocation import Allocation, AllocationError, applied
+from headkv.models.kv_cache import kv_bytes_of
 from headkv.models.loading import model_shape
 from headkv.models.static_cache import GraphDecoder, StaticError
 
@@ -54,7 +55,7 @@ def static_logits(model, alloc, ids, prompt: int, max_len: int, graph: bool = Fa
             else:
                 pos = torch.full((ids.shape[0], 1), t, device=ids.device)
                 out.append(model(ids[:, t : t + 1], position_ids=pos, cache=cache, use_cache=True).logits)
-        held = cache.bytes_allocated()
+        held = kv_bytes_of(cache)
     return torch.cat(out, 1), held
 
 
