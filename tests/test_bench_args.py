@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,3 +67,64 @@ def test_gpu_bench_bad_options_are_one_error_line(argv, says, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and says in err[0], err
     assert not out.exists()
+
+
+def _peer(name: str):
+    """A bench/peers script as a module (its sibling ``args`` importable; kvpress is not needed to parse)."""
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "bench" / "peers")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"peers_{name}", f"{folder}/{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(folder)
+
+
+PEER_CASES = [
+    ("tokens", ["--context", "0"], "--context must be >= 1"),
+    ("tokens", ["--samples", "-2"], "--samples must be >= 1"),
+    ("tokens", ["--score", "x"], "invalid int value"),
+    ("tokens", ["--out", "{dir}"], "is not a regular file"),
+    ("protocol", ["--tokens", "{d}/none.json"], "cannot read tokens file"),
+    ("protocol", ["--tokens", "{f:notjson}"], "is not JSON"),
+    ("protocol", ["--tokens", "{f:nokeys}"], "lacks N, M, ids"),
+    ("protocol", ["--tokens", "{f:short}"], "ids must be samples of N + M + 1"),
+    ("protocol", ["--tokens", "{f:ok}", "--budget", "3"], "--budget must lie in [5, N = 8]"),
+    ("protocol", ["--tokens", "{f:ok}", "--budget", "9"], "--budget must lie in [5, N = 8]"),
+    ("protocol", ["--tokens", "{f:ok}", "--threads", "0"], "--threads must be >= 1"),
+    ("protocol", ["--tokens", "{f:ok}", "--budget", "8", "--out", "{f:ok}"], "is also an input"),
+    ("protocol", ["--tokens", "{f:ok}", "--budget", "8", "--allocation", "{d}/none.json"],
+     "cannot read allocation"),
+    ("run_kvpress", ["--tokens", "{f:ok}", "--budget", "8", "--press", "MagicPress"], "invalid choice"),
+    ("run_kvpress", ["--tokens", "{f:ok}", "--budget", "8", "--attn", "flash"], "invalid choice"),
+    ("run_kvpress", ["--tokens", "{f:ok}", "--budget", "0"], "--budget must lie in"),
+    ("run_kvpress", ["--tokens", "{f:nokeys}"], "lacks N, M, ids"),
+    ("table", ["{d}/none.jsonl"], "cannot read result file"),
+    ("table", ["{f:notjson}"], "not a peer result row"),
+    ("table", ["{f:empty}"], "hold no rows"),
+]
+
+
+@pytest.mark.parametrize("script, argv, says", PEER_CASES)
+def test_peer_scripts_bad_input_is_one_error_line(script, argv, says, tmp_path, capsys):
+    files = {"notjson": "{not json\n", "nokeys": json.dumps({"N": 8}), "empty": "",
+             "short": json.dumps({"N": 8, "M": 2, "ids": [[1] * 10], "model": "m", "model_dir": "/m"}),
+             "ok": json.dumps({"N": 8, "M": 2, "ids": [[1] * 11], "model": "m", "model_dir": "/m"})}
+    for name, text in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    argv = [a.replace("{dir}", str(tmp_path)).replace("{d}", str(tmp_path)) for a in argv]
+    argv = [str(tmp_path / f"{a[3:-1]}.json") if a.startswith("{f:") else a for a in argv]
+    out = tmp_path / "out.jsonl"
+    if script != "table" and "--out" not in argv:
+        argv += ["--out", str(out)]
+    mod = _peer(script)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        (mod.main if script == "table" else mod.parse)(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and says in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from args import Parser, check_budgets, check_out, fail, positive, read_tokens, write_atomic
 
 import headkv
 from headkv.alloc.allocation import Allocation
 from headkv.models import window as win
 from headkv.models.attention import FullCache, windowed
+from headkv.models.common import HeadkvError
 from headkv.models.loading import _resolve, model_shape
 
 
@@ -84,43 +86,57 @@ def kept_mean(model, allocation: Allocation | None, n: int) -> float:
     return float(win.kept_tokens(n, sink, window, cap).double().mean())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=Path, default=Path("results/peers/tokens.json"))
     ap.add_argument("--budget", "-B", type=int, nargs="+", default=[64], help="B_streaming_B for each B")
     ap.add_argument("--allocation", type=Path, nargs="*", default=[], help="allocation JSON files")
     ap.add_argument("--no-full", action="store_true", help="skip the full-attention row")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/peers/headkv.jsonl"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    positive("--threads", a.threads)
+    a.spec = read_tokens(a.tokens)
+    check_budgets(a.budget, a.spec["N"], low=5)  # B_streaming_B: sink 4 + a window of at least one
+    check_out(a.out, a.tokens, *a.allocation)
+    try:
+        a.allocations = [Allocation.load(p) for p in a.allocation]
+    except HeadkvError as e:
+        fail(str(e))
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
     torch.set_num_threads(a.threads)
-    spec = json.loads(a.tokens.read_text())
+    spec = a.spec
     n, m = spec["N"], spec["M"]
     folder = Path(_resolve(spec["model"])).resolve()
     if str(folder) != spec["model_dir"]:
-        raise SystemExit(f"{spec['model']} resolves to {folder}, not the tokens file's {spec['model_dir']}")
+        fail(f"{spec['model']} resolves to {folder}, not the tokens file's {spec['model_dir']}")
     model, _ = headkv.load_model(spec["model"], dtype=torch.float32)
     runs: list[tuple[str, Allocation | None]] = [] if a.no_full else [("full", None)]
     runs += [(f"B_streaming_{b}", headkv.policy(f"B_streaming_{b}", model)) for b in a.budget]
     shape = model_shape(model)
-    for p in a.allocation:
-        allocation = Allocation.load(p)
-        allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
+    for p, allocation in zip(a.allocation, a.allocations, strict=True):
+        try:
+            allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
+        except HeadkvError as e:
+            fail(str(e))
         runs.append((allocation.meta.get("policy") or p.stem, allocation))
     meta = {"source": "headkv", "transformers": __import__("transformers").__version__,
             "torch": torch.__version__, "N": n, "M": m}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("w") as f:
-        for name, allocation in runs:
-            kept = kept_mean(model, allocation, n)
-            for k, ids in enumerate(torch.tensor(spec["ids"], dtype=torch.long)):
-                t0 = time.perf_counter()
-                nll = protocol_nll(model, allocation, ids, n, m)
-                row = {**meta, "method": name, "B": round(kept), "sample": k, "nll": nll, "kept_mean": kept,
-                       "seconds": round(time.perf_counter() - t0, 2)}
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                print(f"{name} (B {kept:.2f}) sample {k}: NLL {nll:.6f}, {row['seconds']} s", flush=True)
+    lines = []
+    for name, allocation in runs:
+        kept = kept_mean(model, allocation, n)
+        for k, ids in enumerate(torch.tensor(spec["ids"], dtype=torch.long)):
+            t0 = time.perf_counter()
+            nll = protocol_nll(model, allocation, ids, n, m)
+            row = {**meta, "method": name, "B": round(kept), "sample": k, "nll": nll, "kept_mean": kept,
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            lines.append(json.dumps(row) + "\n")
+            print(f"{name} (B {kept:.2f}) sample {k}: NLL {nll:.6f}, {row['seconds']} s", flush=True)
+    write_atomic(a.out, "".join(lines))
     print(f"wrote {a.out}")
 
 

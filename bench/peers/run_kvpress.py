@@ -32,47 +32,61 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from the hub: the model 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from kvpress import (  # noqa: E402
-    AdaKVPress,
-    ExpectedAttentionPress,
-    KnormPress,
-    PyramidKVPress,
-    SnapKVPress,
-    StreamingLLMPress,
-    TOVAPress,
-)
-from kvpress.utils import compute_n_kept  # noqa: E402
+from args import Parser, check_budgets, check_out, positive, read_tokens, write_atomic  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 # name -> a press at compression ratio r (defaults as kvpress ships them unless the name says otherwise)
-PRESSES = {
-    "full": None,  # no press: the uncompressed reference (kept = N)
-    "StreamingLLMPress": lambda r: StreamingLLMPress(compression_ratio=r, n_sink=4),
-    "SnapKVPress": lambda r: SnapKVPress(compression_ratio=r),
-    "TOVAPress": lambda r: TOVAPress(compression_ratio=r),
-    "KnormPress": lambda r: KnormPress(compression_ratio=r),
-    "ExpectedAttentionPress": lambda r: ExpectedAttentionPress(compression_ratio=r),
-    "PyramidKVPress": lambda r: PyramidKVPress(compression_ratio=r),
-    # kvpress's PyramidKV falls back to SnapKV unless B / beta >= window_size (see README): a window of 3
-    # query tokens lets the pyramid engage at B = 64 with the default beta = 20
-    "PyramidKVPress(window_size=3)": lambda r: PyramidKVPress(compression_ratio=r, window_size=3),
-    "AdaKVPress(SnapKVPress)": lambda r: AdaKVPress(SnapKVPress(compression_ratio=r)),
-    # SnapKV pads its observation window's scores to the top, so with the default window_size = 64 >= B it
-    # keeps just the last B tokens (no sink); a 16-token window leaves B - 16 entries to its scores
-    "SnapKVPress(window_size=16)": lambda r: SnapKVPress(compression_ratio=r, window_size=16),
-    "AdaKVPress(SnapKVPress(window_size=16))":
-        lambda r: AdaKVPress(SnapKVPress(compression_ratio=r, window_size=16)),
-}
+PRESS_NAMES = (
+    "full", "StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "ExpectedAttentionPress",
+    "PyramidKVPress", "PyramidKVPress(window_size=3)", "AdaKVPress(SnapKVPress)",
+    "SnapKVPress(window_size=16)", "AdaKVPress(SnapKVPress(window_size=16))",
+)
+
+
+def presses() -> dict:
+    """The press constructors by name (kvpress is imported here, after the arguments are checked)."""
+    from kvpress import (
+        AdaKVPress,
+        ExpectedAttentionPress,
+        KnormPress,
+        PyramidKVPress,
+        SnapKVPress,
+        StreamingLLMPress,
+        TOVAPress,
+    )
+
+    return {
+        "full": None,  # no press: the uncompressed reference (kept = N)
+        "StreamingLLMPress": lambda r: StreamingLLMPress(compression_ratio=r, n_sink=4),
+        "SnapKVPress": lambda r: SnapKVPress(compression_ratio=r),
+        "TOVAPress": lambda r: TOVAPress(compression_ratio=r),
+        "KnormPress": lambda r: KnormPress(compression_ratio=r),
+        "ExpectedAttentionPress": lambda r: ExpectedAttentionPress(compression_ratio=r),
+        "PyramidKVPress": lambda r: PyramidKVPress(compression_ratio=r),
+        # kvpress's PyramidKV falls back to SnapKV unless B / beta >= window_size (see README): a window of 3
+        # query tokens lets the pyramid engage at B = 64 with the default beta = 20
+        "PyramidKVPress(window_size=3)": lambda r: PyramidKVPress(compression_ratio=r, window_size=3),
+        "AdaKVPress(SnapKVPress)": lambda r: AdaKVPress(SnapKVPress(compression_ratio=r)),
+        # SnapKV pads its observation window's scores to the top, so with the default window_size = 64 >= B it
+        # keeps just the last B tokens (no sink); a 16-token window leaves B - 16 entries to its scores
+        "SnapKVPress(window_size=16)": lambda r: SnapKVPress(compression_ratio=r, window_size=16),
+        "AdaKVPress(SnapKVPress(window_size=16))":
+            lambda r: AdaKVPress(SnapKVPress(compression_ratio=r, window_size=16)),
+    }
+
+
 SKIPPED = {
     "DuoAttentionPress": "needs the hub: its head patterns are downloaded from the DuoAttention GitHub repo "
     "(and only for six 7-8B checkpoints, not SmolLM2); on_the_fly_scoring loads kmfoda/booksum from the "
     "Hugging Face hub and the tokenizer by config.name_or_path",
 }
-DEFAULT = list(PRESSES)
+DEFAULT = list(PRESS_NAMES)
 
 
 def ratio(n: int, b: int) -> float:
     """r = 1 - B/N, checked against kvpress's own rounding (int(N * (1 - r)) kept per head)."""
+    from kvpress.utils import compute_n_kept
+
     r = 1 - b / n
     if compute_n_kept(n, r) != b:  # float truncation: nudge half a token up, which int() floors back to B
         r = 1 - (b + 0.5) / n
@@ -117,20 +131,31 @@ def dense_nll(model, ids: torch.Tensor, n: int, m: int) -> float:
     return F.cross_entropy(logits, ids[0, n + 1 : n + m + 1]).item()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=Path, default=Path("results/peers/tokens.json"))
     ap.add_argument("--budget", "-B", type=int, nargs="+", default=[64], help="average KV entries per head")
-    ap.add_argument("--press", nargs="+", default=DEFAULT + list(SKIPPED),
-                    help=f"of {list(PRESSES) + list(SKIPPED)}")
-    ap.add_argument("--attn", default="sdpa", help="attention implementation (AdaKV refuses eager)")
+    ap.add_argument("--press", nargs="+", default=DEFAULT + list(SKIPPED), choices=DEFAULT + list(SKIPPED),
+                    metavar="PRESS", help=f"of {DEFAULT + list(SKIPPED)}")
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                    help="attention implementation (AdaKV refuses eager)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/peers/kvpress.jsonl"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    positive("--threads", a.threads)
+    a.spec = read_tokens(a.tokens)
+    check_budgets(a.budget, a.spec["N"], low=5)  # StreamingLLMPress keeps its 4 sinks inside B
+    check_out(a.out, a.tokens)
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    press_of = presses()
     torch.set_num_threads(a.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    spec = json.loads(a.tokens.read_text())
+    spec = a.spec
     n, m = spec["N"], spec["M"]
     samples = torch.tensor(spec["ids"], dtype=torch.long)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
@@ -138,31 +163,29 @@ def main() -> None:
     meta = {"source": "kvpress", "kvpress": importlib.metadata.version("kvpress"),
             "transformers": transformers.__version__, "torch": torch.__version__,
             "N": n, "M": m, "attn": a.attn}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("w") as f:
-        for k, ids in enumerate(samples):
-            ref = dense_nll(model, ids[None], n, m)
-            print(f"sample {k}: full attention, one forward: NLL {ref:.6f}", flush=True)
-        for name in a.press:
-            for b in a.budget:
-                if name in SKIPPED:
-                    f.write(json.dumps({**meta, "method": name, "B": b, "skipped": SKIPPED[name]}) + "\n")
-                    print(f"{name}: skipped: {SKIPPED[name]}", flush=True)
-                    continue
-                r = ratio(n, b)
-                for k, ids in enumerate(samples):
-                    t0 = time.perf_counter()
-                    press = PRESSES[name](r) if PRESSES[name] else None
-                    nll, kept = run_one(model, press, ids[None], n, m)
-                    row = {**meta, "method": name, "B": b if press else n, "budget": b, "ratio": r,
-                           "sample": k,
-                           "nll": nll, "kept_mean": kept, "seconds": round(time.perf_counter() - t0, 2)}
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    print(f"{name} B={b} sample {k}: NLL {nll:.6f}, kept/head {kept:.2f}, "
-                          f"{row['seconds']} s", flush=True)
-                if press is None:
-                    break  # "full" does not depend on B
+    lines = []
+    for k, ids in enumerate(samples):
+        ref = dense_nll(model, ids[None], n, m)
+        print(f"sample {k}: full attention, one forward: NLL {ref:.6f}", flush=True)
+    for name in a.press:
+        for b in a.budget:
+            if name in SKIPPED:
+                lines.append(json.dumps({**meta, "method": name, "B": b, "skipped": SKIPPED[name]}) + "\n")
+                print(f"{name}: skipped: {SKIPPED[name]}", flush=True)
+                continue
+            r = ratio(n, b)
+            for k, ids in enumerate(samples):
+                t0 = time.perf_counter()
+                press = press_of[name](r) if press_of[name] else None
+                nll, kept = run_one(model, press, ids[None], n, m)
+                row = {**meta, "method": name, "B": b if press else n, "budget": b, "ratio": r, "sample": k,
+                       "nll": nll, "kept_mean": kept, "seconds": round(time.perf_counter() - t0, 2)}
+                lines.append(json.dumps(row) + "\n")
+                print(f"{name} B={b} sample {k}: NLL {nll:.6f}, kept/head {kept:.2f}, "
+                      f"{row['seconds']} s", flush=True)
+            if press is None:
+                break  # "full" does not depend on B
+    write_atomic(a.out, "".join(lines))
     print(f"wrote {a.out}")
 
 

@@ -10,24 +10,45 @@ only):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
+from args import Parser, fail
+
 
 def rows(paths: list[Path]) -> list[dict]:
+    """Every row of the result files (JSON lines of run_kvpress.py or protocol.py), or one error line."""
     out = []
     for p in paths:
-        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read result file {p}: {getattr(e, 'strerror', None) or e}")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError, ValueError):
+                row = None
+            need = ("method", "B", "skipped") if isinstance(row, dict) and "skipped" in row else FIELDS
+            if not isinstance(row, dict) or any(k not in row for k in need):
+                fail(f"{p}, line {i}: not a peer result row (run_kvpress.py or protocol.py writes them)")
+            out.append(row)
+    if not out:
+        fail("the result files hold no rows")
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+FIELDS = ("source", "method", "B", "sample", "nll", "kept_mean", "N", "M")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("files", type=Path, nargs="+")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     data = rows(a.files)
     cells: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     per_sample: dict[tuple[str, str, int, int], float] = {}

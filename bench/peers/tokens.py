@@ -18,14 +18,15 @@ import argparse
 import json
 from pathlib import Path
 
+from args import Parser, check_out, fail, positive, write_atomic
 from transformers import AutoTokenizer
 
 import headkv
 from headkv.models.loading import OFFLINE_DEFAULT, _resolve
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=OFFLINE_DEFAULT, help="offline name or local model folder")
     ap.add_argument("--context", "-N", type=int, default=1024,
                     help="N: context tokens, prefilled and compressed")
@@ -35,14 +36,24 @@ def main() -> None:
     ap.add_argument("--source", default="austen")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/peers/tokens.json"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for name, value in (("--context", a.context), ("--score", a.score), ("--samples", a.samples)):
+        positive(name, value)
+    check_out(a.out)
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
     folder = Path(_resolve(a.model)).resolve()
     if not (folder / "config.json").exists():
-        raise SystemExit(f"{folder} holds no config.json: pass a local model folder")
+        fail(f"{folder} holds no config.json: pass a local model folder")
     tok = AutoTokenizer.from_pretrained(folder)
-    blocks = headkv.token_blocks(tok, a.source, "eval", a.context + a.score + 1, a.samples, a.seed)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
+    try:
+        blocks = headkv.token_blocks(tok, a.source, "eval", a.context + a.score + 1, a.samples, a.seed)
+    except headkv.HeadkvError as e:
+        fail(str(e))
+    write_atomic(a.out, json.dumps({
         "model_dir": str(folder), "model": a.model, "source": a.source, "split": "eval", "seed": a.seed,
         "N": a.context, "M": a.score, "ids": blocks.tolist(),
     }))
