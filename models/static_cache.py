@@ -96,6 +96,7 @@ class _Rows:
             self.pos.copy_(held)
             src = torch.cat([heads * seen + held[:-1].clamp(min=0), held.new_zeros(1)])
         self.t.fill_(seen)
+        self.bias = self._mask(self.t - 1)  # what a one-token prompt's query sees (decode steps renew it)
         return src
 
     def advance(self, step: int) -> None:
@@ -108,17 +109,22 @@ class _Rows:
         if self.layout == "padded":
             self.slot = local
             self.pos.scatter_(1, local.view(-1, 1), t.expand(len(self.sink), 1))
-            seen = (self.pos >= 0) & (t - self.pos < self.cap)  # (Hkv, C+1)
-            bias = torch.zeros(seen.shape, device=self.device).masked_fill_(~seen, float("-inf"))
-            r = self.q_heads // len(self.sink)
-            self.bias = bias.repeat_interleave(r, 0).unsqueeze(1).to(self.dtype)  # (Hq, 1, C+1)
         else:
             self.slot = local + self.offsets
             self.pos.index_copy_(0, self.slot, t.expand(len(self.sink)))
-            seen = (self.pos >= 0) & (t - self.pos < self.cap)  # (S+1,)
-            bias = self.segment.masked_fill(~seen, float("-inf"))  # (Hq, S+1)
-            self.bias = bias.unsqueeze(1).to(self.dtype)
+        self.bias = self._mask(t)
         t.add_(1)
+
+    def _mask(self, q: torch.Tensor) -> torch.Tensor:
+        """(Hq, 1, slots) in the model's dtype for the query at position ``q``: 0 where a slot holds a key it
+        sees (written, within the native cap), -inf elsewhere (flat: also outside its KV head's segment)."""
+        seen = (self.pos >= 0) & (q - self.pos < self.cap)  # (Hkv, C+1) or (S+1,)
+        if self.layout == "padded":
+            bias = torch.zeros(seen.shape, device=self.device).masked_fill_(~seen, float("-inf"))
+            bias = bias.repeat_interleave(self.q_heads // len(self.sink), 0)
+        else:
+            bias = self.segment.masked_fill(~seen, float("-inf"))
+        return bias.unsqueeze(1).to(self.dtype)
 
 
 class StaticLayer(CacheLayerMixin):
@@ -189,21 +195,6 @@ class StaticLayer(CacheLayerMixin):
         if self.rows.layout == "padded":
             return self.keys, self.values
         return self.keys.unsqueeze(1), self.values.unsqueeze(1)
-
-    def decode_bias(self, q_heads: int) -> torch.Tensor:
-        """The mask of this step's query: (Hq, 1, slots) in the model's dtype, 0 where a slot holds a key it
-        sees (written, within the native cap), -inf elsewhere (over the flat buffer: also outside its KV
-        head's segment). Built once per step for the whole row group."""
-        rows = self.rows
-        if rows.bias is None:  # a one-token prompt: the mask of its only key
-            seen = rows.pos >= 0
-            bias = torch.zeros(seen.shape, device=self.device).masked_fill_(~seen, float("-inf"))
-            if rows.layout == "padded":
-                bias = bias.repeat_interleave(q_heads // len(rows.sink), 0).unsqueeze(1)
-            else:
-                bias = (rows.segment + bias).unsqueeze(1)
-            return bias.to(self.dtype)
-        return rows.bias
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return getattr(self.rows, "cols", 0) + query_length, 0
@@ -290,7 +281,7 @@ class StaticHeadCache(Cache):
         if k_len != held.rows.cols:
             raise RuntimeError(f"layer {layer}: attention got {k_len} keys, the static cache holds "
                                f"{held.rows.cols}")
-        return held.decode_bias(q_heads)
+        return held.rows.bias  # this step's mask (Hq, 1, slots), built once for the row group (_Rows._mask)
 
     def advance(self, steps: int) -> None:
         """Count ``steps`` tokens written by replaying a captured step (the device counters moved already)."""
