@@ -96,9 +96,8 @@ def distill_loss(
         shape = model_shape(lm)
         checkpoint = _kept_scores(lm, tokens) > CHECKPOINT_ABOVE and not soft_trains_on_flex(
             backend, tokens.shape[1], tokens.device, shape.head_dim, next(lm.parameters()).dtype)
-    remat = checkpoint
     recompute = lambda: _rewindowed(lm, masks, backend)  # noqa: E731
-    layers = scoring.checkpointed_layers(lm, recompute) if remat else nullcontext()
+    layers = scoring.checkpointed_layers(lm, recompute) if checkpoint else nullcontext()
     with windowed(lm, masks, backend=backend), layers:
         student = scoring.hidden(lm, tokens)  # (B, T, H)
     if objective == "ce":

@@ -223,7 +223,7 @@ def _call(query, key, value, score_mod, mask, scaling, lse: bool = False):
     with torch._dynamo.config.patch(recompile_limit=limit), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return fn(query, key, value, score_mod=score_mod, block_mask=mask, scale=float(scale),
-                       enable_gqa=True, **kw)
+                  enable_gqa=True, **kw)
 
 
 def _run(query, key, value, score_mod, mask, scaling):
