@@ -6,7 +6,7 @@
 | evaluate | alloc.evaluate.evaluate, alloc.streaming.run_streams | JSON lines in a results file               |
 | classify | classify.sensitivity.classify_model               | head profile JSON                             |
 | sweep    | alloc.sweep.run_sweep                             | JSON lines, one per configuration (resumable) |
-| plot     | alloc.plots.plot_results                          | PNG figures (sweep, passkey or search file)   |
+| plot     | alloc.plots.plot_results                          | PNG figures (sweeps, passkey or search file)  |
 | train    | alloc.runs.open_run, alloc.train.fit              | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
 | quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
@@ -292,8 +292,8 @@ def sweep(cfg: SweepConfig) -> None:
 
 @command(PlotConfig)
 def plot(cfg: PlotConfig) -> None:
-    """Draw the study's figures and the frontier view from a sweep's rows, a passkey accuracy heatmap
-    (depth x length) per allocation from `headkv passkey` rows, or the walk of a `headkv search` file."""
+    """Draw the study's figures, passkey heatmaps or a `headkv search` walk from one results file; from several
+    sweep files (one text at one length each), the KV saving by coverage B/N (coverage.png, .json, .md)."""
     from headkv.alloc.plots import plot_results
 
     for path in plot_results(cfg.results, cfg.out):

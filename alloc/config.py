@@ -135,7 +135,9 @@ class SweepConfig:
 
 @dataclass
 class PlotConfig:
-    results: str = opt("", "Results JSONL written by `headkv sweep` or `headkv passkey`.", arg=True)
+    results: list[str] = opt([], "Results JSONL written by `headkv sweep` or `headkv passkey` (or a search.json); "
+                             "several sweep files (one text at one length each) draw the coverage figure.",
+                             arg=True)
     out: str = opt("results/figures", "Folder for the PNG figures.", flag="-o")
 
 

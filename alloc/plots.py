@@ -7,28 +7,41 @@
 4. ``best_configs.png``: the best configurations, each beside StreamingLLM at its own Eff.Ctx
 5. ``inverse.png``: the inverse experiment (I family)
 6. ``frontier.png``: PPL vs Eff.Ctx with the B frontier, and every configuration's distance from it
+7. ``coverage.png``: the KV saving of allocation files (static vs dynamic) against coverage B/N, one colour
+   per text, one panel per length, from one or several sweep files (:mod:`alloc.coverage`; its numbers in
+   ``coverage.json`` and ``coverage.md``)
 
 Also: ``search.png`` from a `headkv search` file (:func:`search_figure`), a passkey heatmap per allocation.
 
 Any subset of rows can be drawn: a figure whose families are missing (no A, no G, fewer than two B rows
-for the frontier, ...) is skipped with a log message, and ``ppl_vs_ctx.png`` is always drawn. Every PNG
-is written atomically (:func:`models.common.atomic_write`).
+for the frontier, ...) is skipped with a log message, and ``ppl_vs_ctx.png`` is always drawn. Several
+results files draw the coverage figure only, and must all be able to (else one error line, nothing
+written). Every PNG is written atomically (:func:`models.common.atomic_write`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from headkv.alloc.coverage import (  # noqa: E402
+    CoverageError,
+    coverage_points,
+    coverage_text,
+    read_sweep,
+    write_numbers,
+)
 from headkv.alloc.frontier import compare_all, frontier, row_family  # noqa: E402
 from headkv.models.common import atomic_write  # noqa: E402
 
@@ -408,19 +421,111 @@ def search_figure(state: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def plot_results(results: str | Path, out: str | Path) -> list[Path]:
-    """`headkv plot RESULTS`: the study's figures from a sweep's rows, a passkey heatmap per allocation from
-    `headkv passkey` rows, or the search figure (``search.png``) from a `headkv search` file (told apart by
-    content); one ConfigError line when the file holds none of them."""
+def fig_coverage(points: list[dict[str, Any]], axes: Any) -> None:
+    """The coverage curves (:mod:`alloc.coverage`): one panel per sequence length N, one colour per text,
+    solid = dynamic, dashed = static; every point a marker, the best per coverage bin connected; an
+    extrapolated saving (a bound) an open marker; 1x (no saving over StreamingLLM) a grey line."""
+    lengths = sorted({p["seq_len"] for p in points})
+    texts = list(dict.fromkeys(p["text"] for p in sorted(points, key=lambda p: p["text"])))
+    colour = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(texts)}
+    style = {"dynamic": ("-", "o"), "static": ("--", "s")}
+    for ax, n in zip(np.atleast_1d(axes), lengths, strict=True):
+        here = [p for p in points if p["seq_len"] == n]
+        for text in texts:
+            for kind, (ls, marker) in style.items():
+                ps = sorted((p for p in here if p["text"] == text and p["kind"] == kind),
+                            key=lambda p: p["coverage"])
+                line = [p for p in ps if p["best"]]
+                if len(line) > 1:
+                    ax.plot([p["coverage"] for p in line], [p["saving"] for p in line], ls,
+                            color=colour[text], lw=1.6, alpha=0.9, zorder=2)
+                for p in ps:
+                    ax.plot(p["coverage"], p["saving"], marker, color=colour[text], zorder=3,
+                            ms=7 if p["best"] else 5, alpha=1.0 if p["best"] else 0.55,
+                            mfc="white" if p["extrapolated"] else colour[text], mew=1.4)
+        ax.axhline(1.0, color="grey", lw=1, zorder=1)
+        ax.set_title(f"N = {n} tokens", fontsize=10)
+        ax.set_xlabel("coverage B/N (Eff.Ctx / sequence length)")
+    xs = [p["coverage"] for p in points]
+    left, right = min(xs) / 2**0.35, max(xs) * 2**0.35  # a third of an octave beyond the points
+    ticks = [2.0**k for k in range(math.ceil(math.log2(left)), math.floor(math.log2(right)) + 1)]
+    ys = [p["saving"] for p in points] + [1.0]
+    for ax in np.atleast_1d(axes):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlim(left, right)
+        ax.set_ylim(min(ys) / 1.25, max(ys) * 1.25)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: coverage_text(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+    first = np.atleast_1d(axes)[0]
+    first.set_ylabel("KV saving at equal PPL vs StreamingLLM\n(B Eff.Ctx of equal PPL / Eff.Ctx)")
+    handles = [Line2D([], [], color=colour[t], lw=2.5, label=t) for t in texts] + [
+        Line2D([], [], color="black", ls="-", marker="o", label="dynamic (budgets filled by content)"),
+        Line2D([], [], color="black", ls="--", marker="s", label="static (learned windows)"),
+        Line2D([], [], color="black", ls="", marker="o", mfc="white",
+               label="open: a bound (beyond the B frontier)"),
+        Line2D([], [], color="grey", lw=1, label="1x: StreamingLLM"),
+    ]
+    first.figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=min(len(handles), 4))
+
+
+def _coverage(sweeps: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The coverage figure's points from (results file, sweep rows) pairs, or a CoverageError."""
+    return coverage_points([read_sweep(path, rows) for path, rows in sweeps])
+
+
+def draw_coverage(points: list[dict[str, Any]], out: str | Path) -> list[Path]:
+    """``coverage.png`` (:func:`fig_coverage`) and the numbers behind it (``coverage.json``, ``.md``)."""
+    n = len({p["seq_len"] for p in points})
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 1, 5.4), sharex=True, sharey=True, squeeze=False,
+                             layout="constrained")
+    fig_coverage(points, axes[0])
+    fig.suptitle("KV saving of allocation files over StreamingLLM at equal perplexity, by coverage",
+                 fontsize=11)
+    return [_save(fig, Path(out) / "coverage.png"), *write_numbers(points, out)]
+
+
+def plot_results(results: str | Path | Sequence[str | Path], out: str | Path) -> list[Path]:
+    """`headkv plot RESULTS [RESULTS ...]`. One file: the study's figures from a sweep's rows (and
+    ``coverage.png`` when its allocation rows allow it), a passkey heatmap per allocation from `headkv
+    passkey` rows, or the search figure (``search.png``) from a `headkv search` file (told apart by content).
+    Several files: each one sweep (one text at one length), the coverage figure and its numbers only. One
+    ConfigError line, and nothing written, when the files cannot make what they are asked for."""
     from headkv.alloc.config import ConfigError, check_output
     from headkv.alloc.results import read_rows, read_search
     from headkv.alloc.sweep import sweep_rows
 
-    if not results:
-        raise ConfigError("give the results file: headkv plot RESULTS.jsonl")
-    if not Path(results).is_file():
-        raise ConfigError(f"results file {results} does not exist")
+    files = [results] if isinstance(results, (str, Path)) else list(results)
+    if not files or any(not str(f) for f in files):
+        raise ConfigError("give the results file: headkv plot RESULTS.jsonl [MORE.jsonl ...]")
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"results file {f} does not exist")
+    for i, f in enumerate(files):
+        if any(Path(f).samefile(g) for g in files[:i]):
+            raise ConfigError(f"results file {f} is given twice")
     check_output(out, directory=True)
+    if len(files) > 1:
+        sweeps = []
+        for f in files:
+            if read_search(f) is not None:
+                raise ConfigError(f"{f} is a `headkv search` file: plot it alone (several files draw the "
+                                  "coverage figure from sweeps)")
+            rows = sweep_rows(f)
+            if not rows:
+                raise ConfigError(f"{f} holds no sweep rows: several files draw the coverage figure from "
+                                  "`headkv sweep` files")
+            sweeps.append((str(f), rows))
+        try:
+            points = _coverage(sweeps)
+        except CoverageError as e:
+            raise ConfigError(str(e)) from None
+        return draw_coverage(points, out)
+    results = files[0]
     state = read_search(results)
     if state is not None:
         return [search_figure(state, Path(out) / "search.png")]
@@ -429,5 +534,12 @@ def plot_results(results: str | Path, out: str | Path) -> list[Path]:
     if not rows and not passkey_rows:
         raise ConfigError(f"{results} holds no sweep or passkey rows: run `headkv sweep` or `headkv passkey` "
                           "first")
-    return (plot_all(rows, out) if rows else []) + (passkey_heatmaps(passkey_rows, out) if passkey_rows
-                                                    else [])
+    points = None
+    if rows:
+        try:
+            points = _coverage([(str(results), rows)])
+        except CoverageError as e:
+            log.info("skipping coverage.png: %s", e)
+    paths = plot_all(rows, out) if rows else []
+    paths += passkey_heatmaps(passkey_rows, out) if passkey_rows else []
+    return paths + (draw_coverage(points, out) if points else [])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_coverage import sweep_lines
 from tests.test_passkey import cli_run, make_tiny_dir
 
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "headkv-contract-pwned"
@@ -104,6 +105,15 @@ def _files(root: Path, model_dir: Path) -> dict[str, Path]:
         "notes": "first note\nlast note, no newline",  # outputs of another kind: never replaced or truncated
         "one_line": "one line, no newline",
         "results_ok": '{"kind": "evaluate", "name": "full"}\n',
+        # sweeps for the coverage figure (`headkv plot A B ...`): good ones, and each way one can lack it
+        "cov_austen": sweep_lines("austen", 1024),
+        "cov_austen_again": sweep_lines("austen", 1024),
+        "cov_pydoc": sweep_lines("pydoc", 1024),
+        "cov_no_alloc": sweep_lines("pydoc", 1024, learned=False),
+        "cov_one_b": sweep_lines("pydoc", 1024, b=(64,)),
+        "cov_one": sweep_lines("austen", 1024, one_coverage=True),
+        "cov_one_pydoc": sweep_lines("pydoc", 4096, one_coverage=True),
+        "cov_two_lengths": sweep_lines("pydoc", 1024) + sweep_lines("pydoc", 4096),
     }
     out = {}
     for name, text in texts.items():
@@ -156,7 +166,7 @@ CASES = [
     ("evaluate --seq-len ''", "valid integer"),
     ("classify --tau x", "valid number"),
     ("evaluate extra-positional", "unexpected extra argument"),
-    ("plot a b", "unexpected extra argument"),
+    ("export a b", "unexpected extra argument"),
     ("export --budget x", "valid number"),
     ("passkey --depth half", "valid number"),
     ("train --budget", "requires an argument"),
@@ -276,6 +286,20 @@ CASES = [
     ("plot {f:results_no_rows}", "holds no sweep or passkey rows"),
     ("plot {f:binary}", "not a JSON row"),  # a last line without newline is a row, a torn row or refused
     ("plot {f:results_no_rows} -o {f:a_file}", "is a file"),
+    # several files: the coverage figure, each file one sweep with its B frontier and allocation rows
+    ("plot {f:cov_austen} {d}/missing.jsonl", "does not exist"),
+    ("plot {f:cov_austen} {f:cov_pydoc} {f:empty_dir}", "does not exist"),
+    ("plot {f:cov_austen} {f:cov_no_alloc}", "holds no rows of allocation files"),
+    ("plot {f:cov_austen} {f:cov_one_b}", "has 1 B_streaming row(s)"),
+    ("plot {f:cov_austen} {f:results_no_rows}", "holds no sweep rows"),
+    ("plot {f:cov_austen} {f:results_garbage}", "not a JSON row"),
+    ("plot {f:cov_austen} {f:cov_austen}", "is given twice"),
+    ("plot {f:cov_austen} {f:cov_austen_again}", "are both austen at 1024 tokens"),
+    ("plot {f:cov_one} {f:cov_one_pydoc}", "two or more coverages"),
+    ("plot {f:cov_two_lengths} {f:cov_austen}", "several seq_len values"),
+    ("plot {f:cov_austen} {f:search_dir}/search.json", "is a `headkv search` file"),
+    ("plot {f:cov_austen} {f:cov_pydoc} -o {f:a_file}", "is a file"),
+    ("plot --config {f:yaml_unknown}", "unknown key(s)"),
     # ---- train ---------------------------------------------------------------------------------------------
     (T, "missing config key 'budget'"),
     (T + " --budget 0", "infeasible"),

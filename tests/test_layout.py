@@ -86,7 +86,8 @@ def test_cli_is_thin():
 CONFIGS = {"evaluate": "EvaluateConfig", "classify": "ClassifyConfig", "ablation": "SweepConfig",
            "learned": "SweepConfig", "quantized": "SweepConfig", "passkey": "PasskeyConfig", "train": None,
            "gemma": "SweepConfig", "gemma_4096": "SweepConfig", "long": "SweepConfig",
-           "controls": "SweepConfig", "other_text": "SweepConfig", "passkey_4096": "PasskeyConfig"}
+           "controls": "SweepConfig", "other_text": "SweepConfig", "passkey_4096": "PasskeyConfig",
+           "coverage": "SweepConfig", "coverage_4096": "SweepConfig"}
 
 
 def test_every_config_file_loads_through_its_commands_dataclass():
