@@ -7,6 +7,7 @@ The public API (everything else is internal; the command line ``headkv`` is :mod
     model, tokenizer = headkv.load_model("smollm2-135m")          # the offline default
     alloc = headkv.policy("B_streaming_128", model)               # a policy name -> an Allocation
     alloc = headkv.Allocation.load("runs/x/allocation.json")      # or a saved allocation
+    dynamic = alloc.filled(headkv.Fill())                         # the same budgets, filled by content
     with headkv.apply(model, alloc) as cache:                     # the evicting per-head cache
         out = model.generate(ids, cache=cache, max_new_tokens=20)
     with headkv.apply(model, alloc, mode="mask"):                 # the masked forward (the evaluator's)
@@ -41,6 +42,7 @@ _LAZY = {
     "Allocation": ("headkv.alloc.allocation", "Allocation"),
     "AllocationError": ("headkv.alloc.allocation", "AllocationError"),
     "EvalResult": ("headkv.alloc.evaluate", "EvalResult"),
+    "Fill": ("headkv.models.dynamic", "Fill"),
     "GraphDecoder": ("headkv.models.static_cache", "GraphDecoder"),
     "HeadkvError": ("headkv.models.common", "HeadkvError"),
     "TrainConfig": ("headkv.alloc.config", "TrainConfig"),

@@ -10,6 +10,7 @@
 | train    | alloc.runs.open_run, alloc.train.fit              | run dir: checkpoint, allocation.json, heatmap |
 | export   | alloc.train.export_checkpoint                     | allocation JSON (learned, any budget)         |
 | quantize | alloc.quantize.quantize                           | allocation JSON with K (sink, window) classes |
+| fill     | models.dynamic.Fill, Allocation.filled            | allocation JSON with dynamic windows          |
 | generate | alloc.generate.generate_rows                      | text + KV bytes held, or JSON lines per prompt |
 | passkey  | alloc.passkey.run_passkey_file                    | JSON lines (resumable) + heatmaps             |
 | search   | alloc.search.run_search                           | search.json (resumable), allocation.json, PNG |
@@ -35,6 +36,7 @@ from headkv.alloc.config import (
     ConfigError,
     EvaluateConfig,
     ExportConfig,
+    FillConfig,
     GenerateConfig,
     PasskeyConfig,
     PlotConfig,
@@ -367,6 +369,20 @@ def quantize(cfg: QuantizeConfig) -> None:
     q.save(cfg.out)
     typer.echo(f"{q.name}: {len(q.meta['classes'])} classes {q.meta['classes']}, Eff.Ctx {q.eff_ctx():.3f} "
                f"(from {alloc.eff_ctx():.3f}); wrote {cfg.out}")
+
+
+@command(FillConfig)
+def fill(cfg: FillConfig) -> None:
+    """Dynamic windows: the same per-head budgets (sink + window), filled by content -- each head keeps its
+    sinks, its recent keys and, in the rest of its budget, the older keys its queries attended to most."""
+    from headkv.alloc.allocation import Allocation
+    from headkv.models.dynamic import Fill
+
+    check_out(cfg, "allocation")
+    filled = Allocation.load(cfg.allocation).filled(Fill(cfg.recent, cfg.chunk, cfg.decay))
+    filled.save(cfg.out)
+    typer.echo(f"{filled.name}: {filled.filled_heads()} of {filled.shape[0] * filled.shape[1]} heads filled by "
+               f"content (window >= recent + chunk), Eff.Ctx {filled.eff_ctx():.3f}; wrote {cfg.out}")
 
 
 @command(GenerateConfig)

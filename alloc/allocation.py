@@ -30,6 +30,7 @@ from transformers import DynamicCache, PreTrainedModel
 from headkv.models import window as win
 from headkv.models.attention import FullCache, windowed
 from headkv.models.common import HeadkvError, atomic_write, load_json, printable
+from headkv.models.dynamic import ContentMask, FilledCache, Fill, FillError, meta_bytes, room
 from headkv.models.families import check_family
 from headkv.models.kv_cache import PerHeadCache
 from headkv.models.loading import ModelShape, model_shape
@@ -79,6 +80,7 @@ class Allocation:
     q_per_kv: int = 1
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     native: tuple[int, ...] = ()  # each layer's native sliding window (0: none); () = no layer is sliding
+    fill: Fill | None = None  # dynamic windows: each head's sink + window filled by content (models.dynamic)
 
     def __post_init__(self) -> None:
         sink = _int_grid("sink", self.sink, None)
@@ -95,6 +97,8 @@ class Allocation:
                 f"'native' must hold one non-negative integer per layer, got {list(native)!r}"
             )
         object.__setattr__(self, "native", native if any(native) else ())
+        if self.fill is not None and not isinstance(self.fill, Fill):
+            raise AllocationError(f"'fill' must be a models.dynamic.Fill, got {type(self.fill).__name__}")
         object.__setattr__(self, "sink", sink)
         object.__setattr__(self, "window", window)
 
@@ -110,15 +114,29 @@ class Allocation:
 
     def with_meta(self, **meta: Any) -> Allocation:
         return Allocation(
-            self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native
+            self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native, self.fill
         )
+
+    def filled(self, fill: Fill | None) -> Allocation:
+        """The same budgets filled by content under ``fill`` (None: the static windows again); named
+        ``NAME+fill(...)`` after the static allocation's name."""
+        base = self.meta.get("static_name", self.name)
+        meta = {**self.meta, "static_name": base, "policy": base if fill is None else f"{base}+{fill.label()}"}
+        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, meta, self.native, fill)
+
+    def filled_heads(self) -> int:
+        """How many heads the fill rule fills by content (the others keep their static window)."""
+        if self.fill is None:
+            return 0
+        sink, window, cap = self.effective()
+        return int((room(sink, window, cap, self.fill) > 0).sum())
 
     def bound(self, native: tuple[int, ...]) -> Allocation:
         """The same allocation on a model whose layers have these native sliding windows (0: none)."""
         if tuple(native or ()) == self.native:
             return self
         native = tuple(native or ())
-        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, self.meta, native)
+        return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, self.meta, native, self.fill)
 
     # ---- views ----------------------------------------------------------------------------------
     @property
@@ -167,8 +185,11 @@ class Allocation:
         return int(win.kept_tokens(seq_len, s, w, self.caps()).sum())
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
-        """Bytes of K and V kept after ``seq_len`` tokens (batch 1)."""
-        return win.kv_bytes(self.kv_tokens(seq_len), head_dim, dtype)
+        """Bytes of K and V kept after ``seq_len`` tokens (batch 1); a filled allocation's cache also keeps
+        a score and a position per key (:func:`models.dynamic.meta_bytes`), counted here. The most a filled
+        head holds is its static count, so its keys are the static allocation's."""
+        slots = self.kv_tokens(seq_len)
+        return win.kv_bytes(slots, head_dim, dtype) + (0 if self.fill is None else meta_bytes(slots))
 
     def check_model(self, model_id: str, shape: tuple[int, int], q_per_kv: int) -> None:
         """Refuse an allocation made for another model, with one clear line."""
@@ -188,12 +209,14 @@ class Allocation:
             "q_per_kv": self.q_per_kv,
             "meta": self.meta,
             **({"native": list(self.native)} if self.native else {}),
+            **({"fill": self.fill.to_dict()} if self.fill is not None else {}),
             "sink": [list(r) for r in self.sink],
             "window": [list(r) for r in self.window],
         }
 
     def digest(self) -> str:
-        body = json.dumps({"sink": self.sink, "window": self.window}, sort_keys=True)
+        fill = {} if self.fill is None else {"fill": self.fill.to_dict()}
+        body = json.dumps({"sink": self.sink, "window": self.window, **fill}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -222,8 +245,12 @@ class Allocation:
             raise AllocationError(f"'native' must be a list of per-layer integers, got {native!r}")
         if not isinstance(d.get("meta") or {}, dict):
             raise AllocationError(f"'meta' must be a JSON object, got {type(d['meta']).__name__}")
+        try:
+            fill = None if d.get("fill") is None else Fill.from_dict(d["fill"])
+        except (FillError, TypeError) as e:
+            raise AllocationError(f"bad 'fill': {e}") from None
         return cls(sink, window, str(d.get("model_id", "")), d.get("q_per_kv", 1), dict(d.get("meta") or {}),
-                   tuple(native))
+                   tuple(native), fill)
 
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
@@ -267,6 +294,9 @@ def applied(
     ``allocation=None`` it holds every token (full attention as a static cache); ``layout`` its storage
     ("auto", "padded" or "flat": :class:`models.static_cache.StaticHeadCache`).
     """
+    if allocation is not None and allocation.fill is not None and (reindex or static is not None):
+        raise AllocationError("a dynamic (filled) allocation runs masked or in its evicting cache: no "
+                              "re-indexing, no static cache")
     if static is not None:
         if not evict or reindex:
             raise AllocationError("a static cache is an evicting cache without re-indexing (evict=True)")
@@ -283,6 +313,11 @@ def applied(
     shape = model_shape(model)
     allocation.check_model(shape.model_id, shape.shape, shape.q_per_kv)
     sink, window, cap = allocation.bound(shape.native).effective(model.device)
+    if allocation.fill is not None:
+        cache = FilledCache(sink, window, cap, allocation.fill) if evict else None
+        with windowed(model, ContentMask(sink, window, cap, allocation.fill), cache or FullCache(), backend):
+            yield cache
+        return
     if static is not None:
         cache = StaticHeadCache(sink, window, cap, int(static), shape.n_kv_heads * shape.q_per_kv, layout)
     else:

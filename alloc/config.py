@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from headkv.models.common import HeadkvError
+from headkv.models.dynamic import Fill
 
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("auto", "flex", "dense")  # models.attention.windowed's; checked equal by a test
@@ -162,6 +163,27 @@ class QuantizeConfig:
     def check(self) -> None:
         if not self.allocation:
             raise ConfigError("give the allocation: headkv quantize ALLOCATION --classes K -o FILE")
+        if not self.out:
+            raise ConfigError("--out FILE is required")
+
+
+_FILL = Fill()  # the fill rule's defaults, defined once (models.dynamic)
+
+
+@dataclass
+class FillConfig:
+    allocation: str = opt("", "Allocation JSON whose per-head budgets (sink + window) are filled by content.",
+                          arg=True)
+    recent: int = opt(_FILL.recent, "Recency floor: the last keys every head always holds (its own included).", lo=1,
+                      hi=MAX_TOKENS)
+    chunk: int = opt(_FILL.chunk, "The held keys are re-chosen once every this many tokens.", lo=1, hi=MAX_TOKENS)
+    decay: float = opt(_FILL.decay, "Score memory: every chunk, each key's accumulated attention is multiplied by it "
+                       "(1: H2O's sum; 0: the last chunk only).", lo=0.0, hi=1.0)
+    out: str = opt("", "Allocation JSON to write (required).", flag="-o")
+
+    def check(self) -> None:
+        if not self.allocation:
+            raise ConfigError("give the allocation: headkv fill ALLOCATION -o FILE")
         if not self.out:
             raise ConfigError("--out FILE is required")
 

@@ -20,6 +20,8 @@ from transformers import PreTrainedModel
 from headkv.alloc.allocation import Allocation, applied, full_allocation, kv_bytes
 from headkv.alloc.bootstrap import ppl_interval
 from headkv.models import scoring
+from headkv.models import window as win
+from headkv.models.dynamic import meta_bytes
 from headkv.models.loading import model_shape
 
 N_BOOT = 2000
@@ -32,7 +34,7 @@ class EvalResult:
     ppl_lo: float  # 95% bootstrap interval over whole blocks (nan for a single block)
     ppl_hi: float
     acc: float  # next-token top-1 accuracy
-    eff_ctx: float  # the study's Eff.Ctx (sink + mean window); seq_len for full attention
+    eff_ctx: float  # the study's Eff.Ctx (sink + mean window); seq_len for full attention; see evaluate()
     realized_ctx: float  # mean over heads and positions of min(t + 1, sink + window)
     kv_bytes: int  # K and V bytes held after seq_len tokens, batch 1, in the model's dtype
     kv_bytes_full: int
@@ -42,6 +44,7 @@ class EvalResult:
     wall_s: float
     chunk_nll: list[float] = field(repr=False)  # NLL sum per chunk, same order for the same blocks
     chunk_tokens: list[int] = field(repr=False)
+    fill: dict | None = None  # a dynamic allocation's fill rule (models.dynamic.Fill), None: static windows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +107,10 @@ def evaluate(
     lo, hi = ppl_interval({"chunk_nll": nll, "chunk_tokens": cnt, "n_blocks": n_blocks})
     shape = model_shape(model)
     measured = (allocation or full_allocation(shape, seq_len)).bound(shape.native)  # within native caps
-    eff, real = measured.eff_ctx(), measured.realized_context(seq_len)
+    # a dynamic allocation's keys also carry a score and a position: its contexts count them, in keys' worth
+    # of K and V bytes, so every comparison (the frontier's saving factor) is at equal bytes
+    over = 1.0 if measured.fill is None else 1 + meta_bytes(1) / win.kv_bytes(1, shape.head_dim, model.dtype)
+    eff, real = measured.eff_ctx() * over, measured.realized_context(seq_len) * over
     label = name or (allocation.name if allocation is not None else "full")
     return EvalResult(
         name=label,
@@ -122,6 +128,7 @@ def evaluate(
         wall_s=time.perf_counter() - start,
         chunk_nll=[float(x) for x in nll],
         chunk_tokens=[int(x) for x in cnt],
+        fill=None if measured.fill is None else measured.fill.to_dict(),
     )
 
 

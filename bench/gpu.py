@@ -51,6 +51,7 @@ from train_step import SHAPES, measure  # noqa: E402
 from headkv.alloc.allocation import Allocation, applied  # noqa: E402
 from headkv.models import flex  # noqa: E402
 from headkv.models.common import atomic_write  # noqa: E402
+from headkv.models.dynamic import Fill  # noqa: E402
 from headkv.models.kv_cache import kv_bytes_of  # noqa: E402
 from headkv.models.loading import freeze, model_shape  # noqa: E402
 from headkv.models.static_cache import GraphDecoder  # noqa: E402
@@ -74,8 +75,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
     ap.add_argument("--memory-gib", type=float, default=64.0, help="KV memory for the fixed-memory section")
     ap.add_argument("--max-batch", type=int, default=2048)
+    ap.add_argument("--dynamic-lengths", type=int, nargs="+", default=[1024, 8192],
+                    help="prompt lengths of the dynamic section")
     ap.add_argument("--skip", nargs="*", default=[], choices=["cuda_tests", "train", "profile", "decode",
-                                                              "fixed_memory", "attention"])
+                                                              "fixed_memory", "attention", "dynamic"])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     check(args)
@@ -84,7 +87,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> None:
     """Bad values end in one ``error:`` line, exit 2, before a model is built or a file written."""
-    if min(args.lengths) < 2 or min(args.train_lengths) <= BUDGET:
+    if min(args.lengths + args.dynamic_lengths) < 2 or min(args.train_lengths) <= BUDGET:
         fail(f"--lengths must be >= 2 and --train-lengths > {BUDGET} (the gates' budget); got "
              f"{args.lengths} and {args.train_lengths}")
     if args.batch < 1 or args.steps < 1 or args.max_batch < 1:
@@ -142,7 +145,8 @@ def decode(model, label: str, alloc, prompt: torch.Tensor, steps: int, batch: in
     ids = prompt.view(1, -1)
     t = ids.shape[1]
     layout = label.rsplit("_", 1)[-1] if label.endswith(("_flat", "_padded")) else "auto"
-    door = (applied(model, None, evict=True) if label == "dynamic_full"
+    eager = label == "dynamic_full" or label.endswith(("_evicting", "_filled"))
+    door = (applied(model, alloc, evict=True) if eager
             else applied(model, alloc, evict=True, static=t + steps + 4, backend="auto", layout=layout))
     with door as cache:
         logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -150,7 +154,7 @@ def decode(model, label: str, alloc, prompt: torch.Tensor, steps: int, batch: in
             cache.batch_repeat_interleave(batch)
             logits = logits.expand(batch, -1)
         nxt = logits.argmax(-1, keepdim=True)
-        decoder = None if label == "dynamic_full" else GraphDecoder(model, cache)
+        decoder = None if eager else GraphDecoder(model, cache)
 
         def step(x):
             return decoder.step(x) if decoder else model(x, cache=cache, use_cache=True).logits[:, -1]
@@ -186,6 +190,28 @@ def decode_section(model, args, allocs, tokens) -> dict:
             line = ", ".join(f"{r['cache']} {r['tokens_per_s']:.0f} tok/s ({r['ratio']:.2f}x)"
                              for r in out[f"{t}x{batch}"])
             print(f"decode T={t} batch={batch}: {line}", flush=True)
+    return out
+
+
+def dynamic_section(model, args, allocs, tokens) -> dict:
+    """spread_128's budgets in three caches: the static cache (CUDA graph), the per-head evicting cache and
+    the filled cache of dynamic windows (models.dynamic, default rule), both eager; ``vs_static``: the
+    filled cache's tokens/s over the static cache's, ``vs_evicting`` over the evicting cache's."""
+    spread = allocs["spread_128_padded"]
+    caches = {"spread_128_static": spread, "spread_128_evicting": spread,
+              "spread_128_filled": spread.filled(Fill())}
+    out = {}
+    for t in args.dynamic_lengths:
+        for batch in sorted({1, args.batch}):
+            rows = [decode(model, label, a, tokens[:t], args.steps, batch) for label, a in caches.items()]
+            free()
+            by = {r["cache"]: r for r in rows}
+            filled = by["spread_128_filled"]["tokens_per_s"]
+            out[f"{t}x{batch}"] = {"rows": rows,
+                                   "vs_static": filled / by["spread_128_static"]["tokens_per_s"],
+                                   "vs_evicting": filled / by["spread_128_evicting"]["tokens_per_s"]}
+            print(f"dynamic T={t} batch={batch}: " + ", ".join(
+                f"{r['cache']} {r['tokens_per_s']:.0f} tok/s" for r in rows), flush=True)
     return out
 
 
@@ -291,7 +317,7 @@ def profile_step(model, blocks: torch.Tensor, args, top: int = 15) -> dict:
 
 def cuda_tests() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-k", "cuda", "tests/test_flex.py",
-           "tests/test_static_cache.py"]
+           "tests/test_static_cache.py", "tests/test_dynamic.py"]
     start = time.perf_counter()
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
@@ -329,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         save("train", train)
         if prof is not None:
             save("train_profile", prof)
-    longest = max(args.lengths)
+    longest = max(args.lengths + ([] if "dynamic" in args.skip else args.dynamic_lengths))
     model = build(args, longest + args.steps + 16)
     tokens = torch.randint(0, model.config.vocab_size, (longest,), device=args.device)
     allocs = allocations(model)
@@ -340,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         save("fixed_memory", fixed_memory_section(model, args, allocs, tokens))
     if "attention" not in args.skip:
         save("attention", attention_section(model, args, allocs))
+    if "dynamic" not in args.skip:
+        save("dynamic", dynamic_section(model, args, allocs, tokens))
     if args.device == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     save("done", True)

@@ -171,6 +171,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             return _gqa_attention(query, key, value, None, attention_mask, dropout, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
+    if getattr(state.masks, "content", False):  # a mask that depends on content runs the whole attention
+        if state.padding:
+            raise HeadkvError("a dynamic allocation's masked forward takes no padding (equal-length sequences)")
+        out = state.masks.attend(module.layer_idx, query, key, value, scaling, softcap, state.positions)
+        return out, None
     if state.positions.evicting and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):
         # an evicting cache after a one-token write holds exactly the keys this query may see: only its
         # empty slots need masking (None: no mask at all, so SDPA can take its fastest kernel)
