@@ -106,14 +106,56 @@ PEER_CASES = [
     ("table", ["{d}/none.jsonl"], "cannot read result file"),
     ("table", ["{f:notjson}"], "not a peer result row"),
     ("table", ["{f:empty}"], "hold no rows"),
+    # the passkey protocol (tokens.py --passkey, and its tokens file given to the other two)
+    ("tokens", ["--passkey", "--trials", "0"], "--trials must be >= 1"),
+    ("tokens", ["--passkey", "--lengths", "1024", "32"], "--lengths must be >= 64, got [32]"),
+    ("tokens", ["--passkey", "--lengths"], "expected at least one argument"),
+    ("tokens", ["--passkey", "--depths", "0.5", "1.5"], "--depths must lie in [0, 1], got [1.5]"),
+    ("tokens", ["--passkey", "--depths", "nan"], "--depths must lie in [0, 1]"),
+    ("tokens", ["--passkey", "--depths", "half"], "invalid float value"),
+    ("tokens", ["--passkey", "--context", "512"], "--context does not apply with --passkey"),
+    ("tokens", ["--trials", "3", "--depths", "0.5"], "--depths, --trials do not apply without --passkey"),
+    ("tokens", ["--passkey", "--seed", "-1"], "--seed must be >= 0"),
+    ("tokens", ["--passkey", "--out", "{dir}"], "is not a regular file"),
+    ("protocol", ["--tokens", "{f:pk}", "--budget", "9"], "--budget must lie in [5, N = 8]"),
+    ("protocol", ["--tokens", "{f:pk}", "--budget", "8", "--out", "{f:pk}"], "is also an input"),
+    ("protocol", ["--tokens", "{f:pkkind}"], "unknown kind 'ppl'"),
+    ("protocol", ["--tokens", "{f:pknotasks}"], "lacks tasks, model or model_dir"),
+    ("protocol", ["--tokens", "{f:pkmissing}"], "task 1 lacks one of length, depth, key, context, question"),
+    ("protocol", ["--tokens", "{f:pklength}"], "task 0 must hold context and question token ids"),
+    ("run_kvpress", ["--tokens", "{f:pk}", "--budget", "4"], "--budget must lie in [5, N = 8]"),
+    ("run_kvpress", ["--tokens", "{f:pkdepth}"], "a depth in [0, 1]"),
+    ("run_kvpress", ["--tokens", "{f:pkkey}"], "a digit key"),
+    ("run_kvpress", ["--tokens", "{f:pkempty}"], "tasks must be a non-empty list"),
+    ("table", ["{f:pkrow}"], "not a peer result row"),
 ]
+
+
+def _task(context: int = 8, question: int = 4, **change) -> dict:
+    return {"length": context + question, "depth": 0.5, "trial": 0, "key": "12345", "context": [1] * context,
+            "question": [2] * question, **change}
+
+
+def _passkey_file(tasks: list, **change) -> str:
+    return json.dumps({"kind": "passkey", "model": "m", "model_dir": "/m", "tasks": tasks, **change})
 
 
 @pytest.mark.parametrize("script, argv, says", PEER_CASES)
 def test_peer_scripts_bad_input_is_one_error_line(script, argv, says, tmp_path, capsys):
     files = {"notjson": "{not json\n", "nokeys": json.dumps({"N": 8}), "empty": "",
              "short": json.dumps({"N": 8, "M": 2, "ids": [[1] * 10], "model": "m", "model_dir": "/m"}),
-             "ok": json.dumps({"N": 8, "M": 2, "ids": [[1] * 11], "model": "m", "model_dir": "/m"})}
+             "ok": json.dumps({"N": 8, "M": 2, "ids": [[1] * 11], "model": "m", "model_dir": "/m"}),
+             "pk": _passkey_file([_task(8), _task(20)]),
+             "pkkind": _passkey_file([_task()], kind="ppl"),
+             "pknotasks": json.dumps({"kind": "passkey", "model": "m", "model_dir": "/m"}),
+             "pkempty": _passkey_file([]),
+             "pkmissing": _passkey_file([_task(), {"length": 12, "depth": 0.5, "key": "1", "context": [1]}]),
+             "pklength": _passkey_file([_task(length=13)]),
+             "pkdepth": _passkey_file([_task(depth=1.5)]),
+             "pkkey": _passkey_file([_task(key=12345)]),
+             "pkrow": json.dumps({"source": "kvpress", "task": "passkey", "method": "full", "B": None,
+                                  "length": 1024, "depth": 0.5, "key": "12345", "correct": True,
+                                  "kept_mean": 1012.0})}
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
     argv = [a.replace("{dir}", str(tmp_path)).replace("{d}", str(tmp_path)) for a in argv]
@@ -128,3 +170,43 @@ def test_peer_scripts_bad_input_is_one_error_line(script, argv, says, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and says in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("reader, file, says", [
+    ("read_tokens", "pk", "holds passkey tasks, not NLL samples"),
+    ("read_passkey", "nll", "holds NLL samples, not passkey tasks"),
+])
+def test_a_tokens_file_of_the_other_kind_is_one_error_line(reader, file, says, tmp_path, capsys):
+    files = {"pk": _passkey_file([_task()]),
+             "nll": json.dumps({"kind": "nll", "N": 8, "M": 2, "ids": [[1] * 11], "model": "m",
+                                "model_dir": "/m"})}
+    path = tmp_path / f"{file}.json"
+    path.write_text(files[file])
+    args = _peer("args")
+    with pytest.raises(SystemExit) as e:
+        getattr(args, reader)(path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and says in err[0], err
+    spec = args.read_any(path)  # either kind is read by the scripts (they dispatch on it)
+    assert spec["kind"] == ("passkey" if file == "pk" else "nll")
+    assert args.context_length(spec) == 8
+
+
+def test_table_passkey_section(tmp_path, capsys):
+    def row(source, method, b, depth, answer, **extra):
+        return json.dumps({"source": source, "task": "passkey", "method": method, "B": b, "length": 1024,
+                           "depth": depth, "trial": 0, "key": "12345", "correct": answer.startswith(" 12345"),
+                           "answer": answer, "kept_mean": 1012.0 if b is None else b, **extra})
+    kv = [row("kvpress", "full", None, d, " 12345.", matches_one_forward=True) for d in (0.1, 0.9)]
+    kv += [row("kvpress", "StreamingLLMPress", 128, d, a) for d, a in ((0.1, " 999"), (0.9, " 12345."))]
+    hk = [row("headkv", "full", None, d, " 12345.", matches_one_forward=True) for d in (0.1, 0.9)]
+    hk += [row("headkv", "B_streaming_128", 128, d, a) for d, a in ((0.1, " 999"), (0.9, " 12345."))]
+    (tmp_path / "kv.jsonl").write_text("\n".join(kv) + "\n")
+    (tmp_path / "hk.jsonl").write_text("\n".join(hk) + "\n")
+    _peer("table").main([str(tmp_path / "kv.jsonl"), str(tmp_path / "hk.jsonl")])
+    out = capsys.readouterr().out
+    assert "| kvpress | full | full | 100.0 (2/2) |" in out
+    assert "| headkv | B_streaming_128 | 128 | 50.0 (1/2) |" in out
+    assert ("cross-check B = 128: kvpress StreamingLLMPress and headkv B_streaming_128 give the same answer "
+            "on 2 of 2 tasks") in out
+    assert "check headkv: the masked full-attention decode equals a plain one-forward + cached decode" in out

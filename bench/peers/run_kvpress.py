@@ -10,11 +10,19 @@ continuation exact for every press (a multi-token forward over a compressed cach
 laid out by cache index, which is wrong once the cache is shorter than the positions, and PyramidKV's
 per-layer lengths differ).
 
+On a passkey tokens file (``tokens.py --passkey``) the same, per task: its context (N tokens, N of that task)
+is prefilled under the press at r = 1 - B/N, then its question tokens are fed one at a time at positions
+N, N+1, ... (query-agnostic compression: the press never sees the question), then 8 tokens are
+decoded greedily one at a time (exactly 8, as ``headkv.alloc.passkey.greedy`` decodes); the trial is
+correct when the first number in their text is the key (``headkv.alloc.passkey.is_correct``'s rule).
+
     bench/peers/.venv/bin/python bench/peers/run_kvpress.py --tokens results/peers/tokens.json \\
         --budget 64 --out results/peers/kvpress.jsonl
 
 One JSON row per (press, B, sample): {"source": "kvpress", "method", "B", "sample", "nll", "kept_mean", ...};
-a press that cannot run here writes one row per B with "skipped": the reason.
+passkey: one per (press, B, task): {"task": "passkey", "method", "B", "length", "depth", "trial", "key",
+"correct", "answer", "kept_mean", ...} ("full" once per task, "B" null). A press that cannot run here writes
+one row per B with "skipped": the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -32,8 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from the hub: the model 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from args import Parser, check_budgets, check_out, positive, read_tokens, write_atomic  # noqa: E402
-from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+from args import Parser, check_budgets, check_out, context_length, positive, read_any, write_atomic  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 # name -> a press at compression ratio r (defaults as kvpress ships them unless the name says otherwise)
 PRESS_NAMES = (
@@ -107,21 +116,74 @@ def kept_per_head(model, cache: DynamicCache, n: int) -> float:
     return total / heads
 
 
-@torch.no_grad()
-def run_one(model, press, ids: torch.Tensor, n: int, m: int) -> tuple[float, float]:
-    """(mean NLL of ids[n+1 : n+m+1], mean kept entries per head) under the protocol."""
+def prefill(model, press, context: torch.Tensor) -> tuple[DynamicCache, float, torch.Tensor]:
+    """The context (1, n) prefilled under ``press`` (None: none): (cache, mean kept entries per head, logits
+    of the last position)."""
     cache = DynamicCache()
     ctx = press(model) if press is not None else contextlib.nullcontext()
     with ctx:
-        model(input_ids=ids[:, :n], past_key_values=cache, use_cache=True)
-    kept = kept_per_head(model, cache, n)
+        out = model(input_ids=context, past_key_values=cache, use_cache=True)
+    return cache, kept_per_head(model, cache, context.shape[1]), out.logits[:, -1]
+
+
+def step(model, cache: DynamicCache, token: int, p: int) -> torch.Tensor:
+    """One token at position ``p`` after the (compressed) cache: the next-token logits (1, V)."""
+    out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]))
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def run_one(model, press, ids: torch.Tensor, n: int, m: int) -> tuple[float, float]:
+    """(mean NLL of ids[n+1 : n+m+1], mean kept entries per head) under the protocol."""
+    cache, kept, _ = prefill(model, press, ids[:, :n])
     nll = []
     for i in range(m):
         p = n + i
-        out = model(input_ids=ids[:, p : p + 1], past_key_values=cache, use_cache=True,
-                    position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]))
-        nll.append(F.cross_entropy(out.logits[:, -1].float(), ids[:, p + 1]).item())
+        logits = step(model, cache, int(ids[0, p]), p)
+        nll.append(F.cross_entropy(logits.float(), ids[:, p + 1]).item())
     return sum(nll) / len(nll), kept
+
+
+NEW_TOKENS = 8  # as headkv.alloc.passkey.score_cell
+
+
+def is_correct(text: str, key: str) -> bool:
+    """headkv.alloc.passkey.is_correct's rule (copied: no headkv here): the first number is the key."""
+    found = re.search(r"\d+", text)
+    return found is not None and found.group() == key
+
+
+@torch.no_grad()
+def run_passkey(model, press, context: list[int], question: list[int],
+                new_tokens: int = NEW_TOKENS) -> tuple[list[int], float]:
+    """(greedy continuation of ``new_tokens`` ids, mean kept context entries per head): the context
+    prefilled and compressed under ``press``, then the question and each generated token one at a time."""
+    n = len(context)
+    cache, kept, _ = prefill(model, press, torch.tensor([context]))
+    for i, t in enumerate(question):
+        logits = step(model, cache, t, n + i)
+    out: list[int] = []
+    for i in range(new_tokens):
+        out.append(int(logits[0].argmax()))
+        if i + 1 < new_tokens:
+            logits = step(model, cache, out[-1], n + len(question) + i)
+    return out, kept
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    """Full attention the plain way (the whole prompt in one forward, then a cached decode): checks the
+    token-by-token path's "full" answers."""
+    cache = DynamicCache()
+    logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[:, -1]
+    out: list[int] = []
+    for _ in range(new_tokens):
+        out.append(int(logits[0].argmax()))
+        if len(out) < new_tokens:
+            x = torch.tensor([[out[-1]]])
+            logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]
+    return out
 
 
 @torch.no_grad()
@@ -143,8 +205,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("results/peers/kvpress.jsonl"))
     a = ap.parse_args(argv)
     positive("--threads", a.threads)
-    a.spec = read_tokens(a.tokens)
-    check_budgets(a.budget, a.spec["N"], low=5)  # StreamingLLMPress keeps its 4 sinks inside B
+    a.spec = read_any(a.tokens)
+    check_budgets(a.budget, context_length(a.spec), low=5)  # StreamingLLMPress keeps its 4 sinks inside B
     check_out(a.out, a.tokens)
     return a
 
@@ -156,13 +218,20 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     spec = a.spec
-    n, m = spec["N"], spec["M"]
-    samples = torch.tensor(spec["ids"], dtype=torch.long)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
                                                  attn_implementation=a.attn).eval()
     meta = {"source": "kvpress", "kvpress": importlib.metadata.version("kvpress"),
-            "transformers": transformers.__version__, "torch": torch.__version__,
-            "N": n, "M": m, "attn": a.attn}
+            "transformers": transformers.__version__, "torch": torch.__version__, "attn": a.attn}
+    lines = (passkey_rows if spec["kind"] == "passkey" else nll_rows)(a, model, press_of, meta)
+    write_atomic(a.out, "".join(json.dumps(row) + "\n" for row in lines))
+    print(f"wrote {a.out}")
+
+
+def nll_rows(a: argparse.Namespace, model, press_of: dict, meta: dict) -> list[dict]:
+    spec = a.spec
+    n, m = spec["N"], spec["M"]
+    samples = torch.tensor(spec["ids"], dtype=torch.long)
+    meta = {**meta, "N": n, "M": m}
     lines = []
     for k, ids in enumerate(samples):
         ref = dense_nll(model, ids[None], n, m)
@@ -170,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.press:
         for b in a.budget:
             if name in SKIPPED:
-                lines.append(json.dumps({**meta, "method": name, "B": b, "skipped": SKIPPED[name]}) + "\n")
+                lines.append({**meta, "method": name, "B": b, "skipped": SKIPPED[name]})
                 print(f"{name}: skipped: {SKIPPED[name]}", flush=True)
                 continue
             r = ratio(n, b)
@@ -180,13 +249,44 @@ def main(argv: list[str] | None = None) -> None:
                 nll, kept = run_one(model, press, ids[None], n, m)
                 row = {**meta, "method": name, "B": b if press else n, "budget": b, "ratio": r, "sample": k,
                        "nll": nll, "kept_mean": kept, "seconds": round(time.perf_counter() - t0, 2)}
-                lines.append(json.dumps(row) + "\n")
+                lines.append(row)
                 print(f"{name} B={b} sample {k}: NLL {nll:.6f}, kept/head {kept:.2f}, "
                       f"{row['seconds']} s", flush=True)
             if press is None:
                 break  # "full" does not depend on B
-    write_atomic(a.out, "".join(lines))
-    print(f"wrote {a.out}")
+    return lines
+
+
+def passkey_rows(a: argparse.Namespace, model, press_of: dict, meta: dict) -> list[dict]:
+    tok = AutoTokenizer.from_pretrained(a.spec["model_dir"])
+    meta = {**meta, "task": "passkey", "new_tokens": NEW_TOKENS}
+    lines = []
+    for name in a.press:
+        full = name not in SKIPPED and press_of[name] is None
+        for b in [None] if full else a.budget:  # "full" does not depend on B: once per task
+            if name in SKIPPED:
+                lines.append({**meta, "method": name, "B": b, "skipped": SKIPPED[name]})
+                print(f"{name}: skipped: {SKIPPED[name]}", flush=True)
+                continue
+            for t in a.spec["tasks"]:
+                n = len(t["context"])
+                r = None if b is None else ratio(n, b)
+                t0 = time.perf_counter()
+                gen, kept = run_passkey(model, None if r is None else press_of[name](r), t["context"],
+                                        t["question"])
+                answer = tok.decode(gen, skip_special_tokens=True)
+                row = {**meta, "method": name, "B": b, "budget": b, "ratio": r, "N": n, "length": t["length"],
+                       "depth": t["depth"], "trial": t.get("trial"), "key": t["key"],
+                       "correct": is_correct(answer, t["key"]), "answer": answer, "kept_mean": kept}
+                if b is None:  # full attention: the token-by-token path against the plain one
+                    row["matches_one_forward"] = reference_greedy(model, t["context"] + t["question"]) == gen
+                row["seconds"] = round(time.perf_counter() - t0, 2)
+                lines.append(row)
+                check = "" if b is not None else f", one-forward check {row['matches_one_forward']}"
+                print(f"{name} B={b} length {t['length']} depth {t['depth']} key {t['key']}: {answer!r} "
+                      f"{'ok' if row['correct'] else 'wrong'}, kept/head {kept:.2f}{check}, "
+                      f"{row['seconds']} s", flush=True)
+    return lines
 
 
 if __name__ == "__main__":
