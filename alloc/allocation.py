@@ -30,7 +30,7 @@ from transformers import DynamicCache, PreTrainedModel
 from headkv.models import window as win
 from headkv.models.attention import FullCache, windowed
 from headkv.models.common import HeadkvError, atomic_write, load_json, printable
-from headkv.models.dynamic import ContentMask, FilledCache, Fill, FillError, meta_bytes, room
+from headkv.models.dynamic import ContentMask, Fill, FilledCache, FillError, meta_bytes, room
 from headkv.models.families import check_family
 from headkv.models.kv_cache import PerHeadCache
 from headkv.models.loading import ModelShape, model_shape
@@ -114,14 +114,16 @@ class Allocation:
 
     def with_meta(self, **meta: Any) -> Allocation:
         return Allocation(
-            self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native, self.fill
+            self.sink, self.window, self.model_id, self.q_per_kv, {**self.meta, **meta}, self.native,
+            self.fill,
         )
 
     def filled(self, fill: Fill | None) -> Allocation:
         """The same budgets filled by content under ``fill`` (None: the static windows again); named
         ``NAME+fill(...)`` after the static allocation's name."""
         base = self.meta.get("static_name", self.name)
-        meta = {**self.meta, "static_name": base, "policy": base if fill is None else f"{base}+{fill.label()}"}
+        name = base if fill is None else f"{base}+{fill.label()}"
+        meta = {**self.meta, "static_name": base, "policy": name}
         return Allocation(self.sink, self.window, self.model_id, self.q_per_kv, meta, self.native, fill)
 
     def filled_heads(self) -> int:

@@ -173,7 +173,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     q_len, k_len = query.shape[2], key.shape[2]
     if getattr(state.masks, "content", False):  # a mask that depends on content runs the whole attention
         if state.padding:
-            raise HeadkvError("a dynamic allocation's masked forward takes no padding (equal-length sequences)")
+            raise HeadkvError("a dynamic allocation's masked forward takes no padding (equal-length "
+                              "sequences)")
         out = state.masks.attend(module.layer_idx, query, key, value, scaling, softcap, state.positions)
         return out, None
     if state.positions.evicting and q_len == 1 and state.rotary is None and isinstance(state.masks, HardMask):

@@ -16,8 +16,8 @@ holds once the sequence is long -- chosen like this:
 A key's score is the attention its head gave it while it was held: each query adds its probability over the
 keys it sees, averaged over the query heads that share the KV head; after each chunk start's choice every
 score is multiplied by ``d`` (``d = 1``: H2O's accumulated attention; ``d = 0``: the last chunk's queries
-only, an observation window as SnapKV's). A head whose window cannot hold the recent keys and a middle (``w < R + C``), or on a layer with a native
-sliding window, keeps its static window (:mod:`models.window`).
+only, an observation window as SnapKV's). A head whose window cannot hold the recent keys and a middle
+(``w < R + C``), or on a layer with a native sliding window, keeps its static window (:mod:`models.window`).
 
 The rule is causal and depends on the attention probabilities, so it runs chunk by chunk: :func:`attend` is
 the one implementation of a forward's attention under it, for the masked evaluator (every key of the
@@ -164,13 +164,13 @@ def attend(query, key, value, pos, held, score, rank, t0: int, sink, window, cap
     q_all = torch.arange(t0, t0 + q_len, device=query.device)
     limit = _limit(q_all.view(1, -1), m.view(-1, 1), fill).unsqueeze(-1)  # (Hkv, Q, 1)
     block = max(ROWS // fill.chunk, 1) * fill.chunk  # queries whose logits are computed at once
-    a = t0
+    a, b0 = t0, 0
     while a < t0 + q_len:
         if a % fill.chunk == 0 and a > 0:
             held, score, rank = _chunk_start(a, pos, held, score, rank, sink, m, fill)
         e = min(t0 + q_len, (a // fill.chunk + 1) * fill.chunk)  # this chunk's queries: a .. e - 1
         i, j = a - t0, e - t0
-        if i == 0 or (a - t0 - b0) >= block:  # the next block of queries: logits and static masks at once
+        if i == 0 or i - b0 >= block:  # the next block of queries: logits and static masks at once
             b0 = i
             b1 = min(q_len, i + block + (fill.chunk - a % fill.chunk if a % fill.chunk else 0))
             logits = _scores(query[:, :, b0:b1], key[..., : first_new + b1, :], scaling, softcap)
@@ -202,15 +202,16 @@ class ContentMask:
 
     content = True
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None, fill: Fill) -> None:
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None,
+                 fill: Fill) -> None:
         self.sink, self.window, self.cap, self.fill = sink, window, cap, fill
 
     def attend(self, layer: int, query, key, value, scaling, softcap, source) -> torch.Tensor:
         if isinstance(source, FilledCache):
             return source.attend(layer, query, key, value, scaling, softcap)
         if key.shape[2] != query.shape[2]:
-            raise FillError("a dynamic allocation's masked forward takes a whole sequence in one forward, without "
-                            "a cache; generate through its evicting cache (evict=True)")
+            raise FillError("a dynamic allocation's masked forward takes a whole sequence in one forward, "
+                            "without a cache; generate through its evicting cache (evict=True)")
         b, n_kv, t = key.shape[:3]
         pos = torch.arange(t, device=key.device).expand(b, n_kv, t)
         held = torch.zeros(b, n_kv, t, dtype=torch.bool, device=key.device)
@@ -230,7 +231,8 @@ class FilledLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None, fill: Fill) -> None:
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None,
+                 fill: Fill) -> None:
         super().__init__()
         self.sink, self.window = sink.long(), window.long()
         self.cap = None if cap is None or not bool((cap > 0).any()) else cap.long()
@@ -274,7 +276,7 @@ class FilledLayer(CacheLayerMixin):
         self.dyn_of = self.m_of > 0
 
     def padded(self):
-        """keys, values (B, Hkv, Kmax, D); positions (-1: empty or no slot), scores and ranks (B, Hkv, Kmax)."""
+        """keys, values (B, Hkv, Kmax, D); positions (-1: empty or no slot), scores, ranks (B, Hkv, Kmax)."""
         b, _, d = self.keys.shape
         flat = self.index.flatten()
         shape = (b, *self.index.shape)
@@ -360,7 +362,7 @@ class FilledLayer(CacheLayerMixin):
             k0, v0, p0, s0, r0 = self.padded()
             self._store(k0, v0, p0, p0 >= 0, s0, r0, sizes)
         free = self.valid & (self.pos[:, self.index] < 0)  # (B, Hkv, Kmax)
-        dst = self.index.gather(1, free.to(torch.int8).argmax(-1).T).T  # (B, Hkv): each head's first free slot
+        dst = self.index.gather(1, free.to(torch.int8).argmax(-1).T).T  # (B, Hkv): each head's first free
         idx = dst.unsqueeze(-1)
         self.keys.scatter_(1, idx.expand(-1, -1, self.keys.shape[-1]), key[:, :, 0])
         self.values.scatter_(1, idx.expand(-1, -1, self.values.shape[-1]), value[:, :, 0])
@@ -374,7 +376,8 @@ class FilledLayer(CacheLayerMixin):
             logits = torch.tanh(logits / softcap) * softcap
         own = self.owner.view(1, -1) == torch.arange(n_q, device=self.device).view(-1, 1) // r  # (Hq, S)
         seen = own.unsqueeze(0) & (self.pos >= 0).unsqueeze(1)
-        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).masked_fill(~seen, -math.inf).softmax(-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        probs = logits.masked_fill(~seen, -math.inf).softmax(-1)
         self.score += probs.sum(1) / r
         out = torch.matmul(probs.to(self.values.dtype), self.values)  # (B, Hq, D)
         return out.unsqueeze(1)
@@ -397,7 +400,8 @@ class FilledLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.sink.cpu(), self.window.cpu(), None if self.cap is None else self.cap.cpu(), self.fill)
+        cap = None if self.cap is None else self.cap.cpu()
+        self.__init__(self.sink.cpu(), self.window.cpu(), cap, self.fill)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("evicted tokens cannot be restored: the filled cache does not support crop")
@@ -435,7 +439,8 @@ class FilledCache(Cache):
     reindex = False
     prefix = False
 
-    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None, fill: Fill) -> None:
+    def __init__(self, sink: torch.Tensor, window: torch.Tensor, cap: torch.Tensor | None,
+                 fill: Fill) -> None:
         super().__init__(layers=[FilledLayer(sink[i].cpu(), window[i].cpu(),
                                              None if cap is None else cap[i].cpu(), fill)
                                  for i in range(sink.shape[0])])
@@ -492,7 +497,8 @@ def kept_once(model, ids: torch.Tensor, sink: torch.Tensor, window: torch.Tensor
 
     n = ids.shape[1]
     chunks = torch.arange(n, device=ids.device) // fill.chunk
-    weight = torch.pow(torch.tensor(fill.decay, dtype=torch.float64), ((n - 1) // fill.chunk - chunks).double())
+    since = ((n - 1) // fill.chunk - chunks).double()  # chunk starts between a query and the choice at n
+    weight = torch.pow(torch.tensor(fill.decay, dtype=torch.float64), since)
     scores: dict[int, torch.Tensor] = {}
 
     def score(layer: int, probs: torch.Tensor) -> None:  # (1, Hq, N, N)

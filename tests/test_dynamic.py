@@ -39,8 +39,8 @@ def evicting(model, alloc, ids, prompt: int, pieces=()):
         for p in pieces:
             out.append(model(ids[:, t : t + p], cache=cache, use_cache=True).logits)
             t += p
-        for t in range(t, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        for i in range(t, ids.shape[1]):
+            out.append(model(ids[:, i : i + 1], cache=cache, use_cache=True).logits)
     return torch.cat(out, 1), cache
 
 
@@ -95,7 +95,7 @@ def test_exact_bytes():
             bound = 2 * alloc.kv_bytes(t + 1, s.head_dim, torch.float64)
             assert cache.bytes_held() <= bound
         assert cache.bytes_held() == 2 * alloc.kv_bytes(64, s.head_dim, torch.float64)
-        for layer, (sk, w) in zip(cache.layers, zip(*alloc.tensors()), strict=True):
+        for layer, (sk, w) in zip(cache.layers, zip(*alloc.tensors(), strict=True), strict=True):
             assert layer.sizes == (sk + w).tolist()  # the segments are the budgets, nothing padded
     static = alloc.filled(None).kv_bytes(64, s.head_dim, torch.float64)
     assert alloc.kv_bytes(64, s.head_dim, torch.float64) == static + meta_bytes(alloc.kv_tokens(64))

@@ -44,6 +44,7 @@ from headkv.alloc.passkey import is_correct
 from headkv.models import window as win
 from headkv.models.attention import FullCache, windowed
 from headkv.models.common import HeadkvError
+from headkv.models.dynamic import kept_once
 from headkv.models.loading import _resolve, model_shape
 
 NEW_TOKENS = 8  # as headkv.alloc.passkey.score_cell
@@ -119,17 +120,24 @@ def protocol_nll(model, kept: torch.Tensor | None, ids: torch.Tensor, n: int, m:
 
 
 @torch.no_grad()
-def masked_greedy(model, kept: torch.Tensor, context: list[int], question: list[int],
+def masked_greedy(model, kept: torch.Tensor, cache: DynamicCache, question: list[int],
                   new_tokens: int = NEW_TOKENS) -> list[int]:
     """Greedy continuation (``new_tokens`` ids) of context + question, the context compressed once to
-    ``kept``: each step one masked forward over context + question + generated so far (last logits only)."""
-    seq = list(context) + list(question)
+    ``kept``: ``cache`` holds the context's full-attention prefill (cropped back to it on return); the
+    question is one masked forward over it, then one masked step per generated token."""
+    n = cache.get_seq_length()
     out: list[int] = []
-    with windowed(model, CompressedOnce(kept, native_cap(model)), FullCache(), backend="dense"):
-        for _ in range(new_tokens):
-            logits = model(input_ids=torch.tensor([seq]), use_cache=False, logits_to_keep=1).logits
-            out.append(int(logits[0, -1].argmax()))
-            seq.append(out[-1])
+    x = torch.tensor([question])
+    try:
+        with windowed(model, CompressedOnce(kept, native_cap(model)), FullCache(), backend="dense"):
+            for _ in range(new_tokens):
+                logits = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits
+                out.append(int(logits[0, -1].argmax()))
+                x = torch.tensor([[out[-1]]])
+    finally:
+        extra = cache.get_seq_length() - n
+        if extra:
+            cache.crop(-extra)  # transformers 5.24: a negative count removes that many tokens
     return out
 
 
@@ -143,6 +151,17 @@ def plain_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list
         logits = model(input_ids=torch.tensor([[out[-1]]]), cache=cache, use_cache=True).logits
         out.append(int(logits[0, -1].argmax()))
     return out
+
+
+def kept_of(allocation: Allocation | None, model, ids: torch.Tensor) -> torch.Tensor:
+    """(layers, KV heads, n) bool kept at n = len(ids): :func:`kept_static`, or for a dynamic (filled)
+    allocation its fill rule applied once after a full-attention prefill (``headkv.models.dynamic.kept_once``,
+    the same scores and ranking as the streaming rule)."""
+    if allocation is None or allocation.fill is None:
+        return kept_static(allocation, model, ids.shape[-1])
+    shape = model_shape(model)
+    sink, window, cap = allocation.bound(shape.native).effective("cpu")
+    return kept_once(model, ids.view(1, -1), sink, window, cap, allocation.fill)
 
 
 def kept_mean(kept: torch.Tensor) -> float:
@@ -200,10 +219,10 @@ def nll_rows(spec: dict, model, tok, runs: list, meta: dict) -> list[dict]:
     meta = {**meta, "N": n, "M": m}
     rows = []
     for name, allocation in runs:
-        kept = kept_static(allocation, model, n)
-        mean = kept_mean(kept)
         for k, ids in enumerate(torch.tensor(spec["ids"], dtype=torch.long)):
             t0 = time.perf_counter()
+            kept = kept_of(allocation, model, ids[:n])
+            mean = kept_mean(kept)
             nll = protocol_nll(model, None if allocation is None else kept, ids, n, m)
             row = {**meta, "method": name, "B": round(mean), "sample": k, "nll": nll, "kept_mean": mean,
                    "seconds": round(time.perf_counter() - t0, 2)}
@@ -213,14 +232,19 @@ def nll_rows(spec: dict, model, tok, runs: list, meta: dict) -> list[dict]:
 
 
 def passkey_rows(spec: dict, model, tok, runs: list, meta: dict) -> list[dict]:
+    """Per task: one full-attention prefill of its context (shared by every method: the context's keys do
+    not depend on the compression), then each method's kept set and its masked question and decode."""
     meta = {**meta, "task": "passkey", "new_tokens": NEW_TOKENS}
     rows = []
-    for name, allocation in runs:
-        for t in spec["tasks"]:
-            n = len(t["context"])
+    for t in spec["tasks"]:
+        n = len(t["context"])
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([t["context"]]), cache=cache, use_cache=True, logits_to_keep=1)
+        for name, allocation in runs:
             t0 = time.perf_counter()
-            kept = kept_static(allocation, model, n)
-            gen = masked_greedy(model, kept, t["context"], t["question"])
+            kept = kept_of(allocation, model, torch.tensor(t["context"]))
+            gen = masked_greedy(model, kept, cache, t["question"])
             answer = tok.decode(gen, skip_special_tokens=True)
             mean = kept_mean(kept)
             row = {**meta, "method": name, "B": None if allocation is None else round(mean), "N": n,
