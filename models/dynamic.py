@@ -22,7 +22,7 @@ only, an observation window as SnapKV's). A head whose window cannot hold the re
 The rule is causal and depends on the attention probabilities, so it runs chunk by chunk: :func:`attend` is
 the one implementation of a forward's attention under it, for the masked evaluator (every key of the
 sequence, nothing held before) and for :class:`FilledCache`'s multi-token forwards (its held keys, then the
-new ones); the cache's one-token decode step (:meth:`FilledLayer.decode`) is the same rule without copying
+new ones); the cache's one-token decode step (``FilledLayer._decode``) is the same rule without copying
 the cache. FlexAttention cannot serve it: its block mask is fixed before the kernel runs, while chunk ``c``'s
 mask needs the probabilities of every earlier chunk (a flex forward could only replay a choice already made
 by a dense pass).

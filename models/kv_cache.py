@@ -483,8 +483,9 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 
 def kv_bytes_of(cache: Cache) -> int:
-    """Bytes of K and V held by any transformers cache (a DynamicCache for full attention, or ours)."""
-    if isinstance(cache, PerHeadCache):
+    """Bytes of K and V held by any transformers cache (a DynamicCache for full attention, or ours: what its
+    ``bytes_held`` counts, a filled cache's scores and positions included)."""
+    if hasattr(cache, "bytes_held"):
         return cache.bytes_held()
     return sum(
         _nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))

@@ -162,14 +162,18 @@ def test_coverage_text():
 
 @pytest.mark.parametrize("config, n", [("configs/coverage.yaml", 1024), ("configs/coverage_4096.yaml", 4096)])
 def test_the_coverage_configs(config, n):
-    """Each config loads; --corpus/--out override it; its B grid spans B/N 1/64 .. 1/2; its allocation files
-    are the five learned budgets, each static and dynamic."""
+    """Each config loads; --corpus/--out override it; its B grid spans B/N 1/64 .. 1/2 without a gap of more
+    than an octave; its allocation files cover B/N 1/64 .. 1/4, each static one beside its dynamic version."""
+    import re
+
     cfg = load(SweepConfig, ROOT / config, {"corpus": "pydoc", "out": "results/cov_pydoc.jsonl"})
-    assert (cfg.corpus, cfg.out, cfg.seq_len, cfg.tokens) == ("pydoc", "results/cov_pydoc.jsonl", n, 8192)
+    assert (cfg.corpus, cfg.out, cfg.seq_len) == ("pydoc", "results/cov_pydoc.jsonl", n)
+    assert cfg.tokens % n == 0
     b = sorted(int(x.removeprefix("B_streaming_")) for x in expand(cfg.grid) if x.startswith("B_"))
     assert b[0] / n <= 1 / 64 and b[-1] / n == 1 / 2
-    assert all(v < 2 * u for u, v in zip(b, b[1:], strict=False))  # no gap of an octave
+    assert all(v <= 2 * u for u, v in zip(b, b[1:], strict=False))  # no gap of more than an octave
     assert {f"{n * f:g}" for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)} <= {str(v) for v in b}
-    budgets = (16, 32, 64, 128, 256)
-    assert cfg.allocation == [f"runs/learned_b{x}/allocation.json" for x in budgets] + [
-        f"runs/learned_b{x}/dynamic.json" for x in budgets]
+    static = [f for f in cfg.allocation if f.endswith("/allocation.json")]
+    assert sorted(cfg.allocation) == sorted(static + [f.replace("allocation.json", "dynamic.json") for f in static])
+    budgets = {int(re.search(r"_b(\d+)/", f).group(1)) for f in static}
+    assert budgets == {n // 64, n // 32, n // 16, n // 8, n // 4}
