@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headkv.models import window as win
 from headkv.models.common import HeadkvError
+from headkv.models.kv_cache import RESERVE, BatchRows
 
 __all__ = ["Fill", "FillError", "FilledCache", "attend", "meta_bytes", "room"]
 
@@ -223,7 +224,7 @@ class ContentMask:
                       self.fill, scale, softcap)[0]
 
 
-class FilledLayer(CacheLayerMixin):
+class FilledLayer(BatchRows, CacheLayerMixin):
     """One layer's held keys under the fill rule: every KV head's segment of one flat buffer (its size grows
     with the tokens seen, up to the head's sink + window), with each slot's position (-1: empty) and score."""
 
@@ -313,8 +314,6 @@ class FilledLayer(CacheLayerMixin):
 
     def _grow_to(self, tokens: int) -> list[int]:
         """Segment sizes that hold every head's keys after ``tokens`` tokens (a few reserved ahead)."""
-        from headkv.models.kv_cache import RESERVE
-
         return [max(s, min(most, tokens + RESERVE)) if s < min(most, tokens) else s
                 for s, most in zip(self.sizes, self.most, strict=True)]
 
@@ -411,16 +410,6 @@ class FilledLayer(CacheLayerMixin):
             index = index.to(self.device)
             for name in ("keys", "values", "pos", "score", "rank"):
                 setattr(self, name, getattr(self, name).index_select(0, index))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
 def _allowed_one(t: int, p: torch.Tensor, sink, window, cap) -> torch.Tensor:

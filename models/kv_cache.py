@@ -21,7 +21,7 @@ from headkv.models import window as win
 from headkv.models.attention import is_active_source
 from headkv.models.common import HeadkvError
 
-__all__ = ["DeployError", "HeadLayer", "PerHeadCache", "kv_bytes_of"]
+__all__ = ["BatchRows", "DeployError", "HeadLayer", "PerHeadCache", "kv_bytes_of"]
 
 RESERVE = 32  # tokens a filling layer is laid out ahead (one relayout per RESERVE tokens, not per step)
 FLAT_MAX_KV_HEADS = 8  # a ragged layer with at most this many KV heads decodes over its flat buffer
@@ -31,7 +31,23 @@ class DeployError(HeadkvError):
     """A request real generation cannot serve (e.g. a prompt beyond the model's positions), in one line."""
 
 
-class HeadLayer(CacheLayerMixin):
+class BatchRows:
+    """Beam search and batch expansion for a cache layer, all through its ``_select(index)`` (keep the batch
+    rows ``index``: every per-sequence tensor it holds)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes row ``beam_idx[i]``."""
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+
+class HeadLayer(BatchRows, CacheLayerMixin):
     """One layer's per-head ragged ring buffers (see the module docstring)."""
 
     is_sliding = False
@@ -351,16 +367,6 @@ class HeadLayer(CacheLayerMixin):
             self.count = self.count.index_select(0, index)
             self.counts = [self.counts[i] for i in index.tolist()]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i becomes row ``beam_idx[i]`` (its keys, values, positions and count)."""
-        self._select(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
 class PerHeadCache(Cache):
