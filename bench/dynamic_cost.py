@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_speed import decode_rate  # noqa: E402
-from kv_memory import fail  # noqa: E402
+from kv_memory import Parser, fail  # noqa: E402
 
 from headkv.alloc.allocation import Allocation  # noqa: E402
 from headkv.alloc.evaluate import evaluate  # noqa: E402
@@ -35,7 +35,7 @@ from headkv.models.text import long_stream, token_blocks  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("allocation", type=Path, help="a static allocation JSON")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--decode-at", type=int, default=1024, help="prompt length of the decode timing")
@@ -49,6 +49,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if min(a.lengths) < 2 or a.decode_at < 2 or a.steps < 1 or a.repeats < 1 or a.threads < 1:
         fail("--lengths and --decode-at must be >= 2, --steps, --repeats and --threads >= 1")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_file():
+        fail(f"--out {a.out} exists and is not a regular file")
     try:
         a.static = Allocation.load(a.allocation)
         a.dynamic = a.static.filled(Fill(a.recent, a.chunk, a.decay))

@@ -11,7 +11,6 @@ sees (RazorAttention's compensation token for a frozen model), its logit + log(c
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_memory import fail  # noqa: E402
+from kv_memory import Parser, fail  # noqa: E402
 
 import headkv.models.dynamic as dy  # noqa: E402
 from headkv.alloc.allocation import Allocation  # noqa: E402
@@ -80,7 +79,7 @@ def compensated(log_count: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("allocation", type=Path)
     p.add_argument("--grid", nargs="*", default=GRID, help="recent,chunk,decay triples")
     p.add_argument("--blocks", type=int, default=3)
@@ -88,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if min(a.blocks, a.comp_blocks, a.threads) < 1:
+        fail("--blocks, --comp-blocks and --threads must be >= 1")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_file():
+        fail(f"--out {a.out} exists and is not a regular file")
     try:
         alloc = Allocation.load(a.allocation)
         fills = [dy.Fill(int(r), int(c), float(d)) for r, c, d in (g.split(",") for g in a.grid)]

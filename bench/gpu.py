@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kv_memory import fail  # noqa: E402
+from kv_memory import Parser, fail  # noqa: E402
 from train_step import SHAPES, measure  # noqa: E402
 
 from headkv.alloc.allocation import Allocation, applied  # noqa: E402
@@ -59,13 +58,8 @@ from headkv.models.static_cache import GraphDecoder  # noqa: E402
 SINK, BUDGET = 4, 128
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse's own errors: one line too, not usage + error
-        fail(message)
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = _Parser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-init", default="pythia-2.8b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")

@@ -253,6 +253,13 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose own errors (a bad value, a missing argument) are one ``error:`` line too."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
 def header(model: torch.nn.Module, args: argparse.Namespace, bench: str) -> dict:
     return {
         "bench": bench,

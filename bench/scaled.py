@@ -9,13 +9,12 @@ budget (the rounding remainder goes to the first heads), and the name says where
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_memory import fail  # noqa: E402
+from kv_memory import Parser, fail  # noqa: E402
 
 from headkv.alloc.allocation import Allocation  # noqa: E402
 from headkv.models.common import HeadkvError  # noqa: E402
@@ -41,11 +40,15 @@ def scaled(alloc: Allocation, budget: float) -> Allocation:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("allocation", type=Path)
     ap.add_argument("--budget", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    if not 0 < a.budget < float("inf"):
+        fail(f"--budget must be a positive number, got {a.budget}")
+    if a.out.exists() and not a.out.is_file():
+        fail(f"--out {a.out} exists and is not a regular file")
     try:
         out = scaled(Allocation.load(a.allocation), a.budget)
     except HeadkvError as e:

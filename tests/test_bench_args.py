@@ -210,3 +210,46 @@ def test_table_passkey_section(tmp_path, capsys):
     assert ("cross-check B = 128: kvpress StreamingLLMPress and headkv B_streaming_128 give the same answer "
             "on 2 of 2 tasks") in out
     assert "check headkv: the masked full-attention decode equals a plain one-forward + cached decode" in out
+
+
+def _alloc_file(tmp_path):
+    from conftest import tiny_model
+
+    from headkv.alloc.allocation import Allocation
+    from headkv.models.loading import model_shape
+
+    s = model_shape(tiny_model("llama"))
+    alloc = Allocation.uniform(s.shape, 4, 12, model_id=s.model_id, q_per_kv=s.q_per_kv)
+    return alloc.save(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize("bench,argv,says", [
+    ("dynamic_cost", ["{alloc}", "--lengths", "1"], "--lengths and --decode-at must be >= 2"),
+    ("dynamic_cost", ["{alloc}", "--repeats", "0"], "--repeats and --threads >= 1"),
+    ("dynamic_cost", ["{alloc}", "--decay", "2"], "decay"),
+    ("dynamic_cost", ["{alloc}", "--recent", "0"], "recent"),
+    ("dynamic_cost", ["{dir}/missing.json"], "cannot read allocation file"),
+    ("dynamic_cost", ["{alloc}", "--out", "{dir}"], "is not a regular file"),
+    ("dynamic_cost", [], "the following arguments are required"),
+    ("fill_rule", ["{alloc}", "--grid", "4,8"], "not enough values"),
+    ("fill_rule", ["{alloc}", "--grid", "4,0,0.5"], "chunk"),
+    ("fill_rule", ["{alloc}", "--blocks", "0"], "--blocks, --comp-blocks and --threads must be >= 1"),
+    ("fill_rule", ["{alloc}", "--out", "{dir}"], "is not a regular file"),
+    ("fill_rule", ["{dir}/missing.json"], "cannot read allocation file"),
+    ("scaled", ["{alloc}", "--budget", "2", "--out", "{dir}/o.json"], "less than one window key"),
+    ("scaled", ["{alloc}", "--budget", "nan", "--out", "{dir}/o.json"], "--budget must be a positive"),
+    ("scaled", ["{alloc}", "--budget", "16", "--out", "{dir}"], "is not a regular file"),
+    ("scaled", ["{alloc}", "--out", "{dir}/o.json"], "--budget"),
+    ("gpu", ["--dynamic-lengths", "1", "--device", "cpu", "--out", "{dir}/g.json"], "--lengths must be >= 2"),
+])
+def test_dynamic_benches_bad_options_are_one_error_line(bench, argv, says, tmp_path, capsys):
+    """bench/dynamic_cost.py, fill_rule.py, scaled.py, gpu.py's dynamic section: one line, exit 2, no file."""
+    alloc = _alloc_file(tmp_path)
+    before = set(tmp_path.iterdir())
+    argv = [a.replace("{alloc}", str(alloc)).replace("{dir}", str(tmp_path)) for a in argv]
+    mod = _bench(bench)
+    with pytest.raises(SystemExit) as e:
+        (mod.parse if bench in ("gpu", "dynamic_cost") else mod.main)(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and says in err[0], err
+    assert set(tmp_path.iterdir()) == before

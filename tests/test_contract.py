@@ -350,6 +350,15 @@ CASES = [
     ("export {f:ckpt_text} -o {f:empty_dir}", "is a folder"),
     ("export {f:ckpt_text} -o {d}/a.json --budget 0", "--budget must be between"),
     ("export {f:ckpt_text} -o {d}/a.json --budget nan", "finite"),
+    # ---- fill ----
+    ("fill", "give the allocation"),
+    ("fill {f:alloc_other_model}", "--out FILE is required"),
+    ("fill {f:alloc_json} -o {d}/f.json", "not valid JSON"),
+    ("fill {d}/missing.json -o {d}/f.json", "cannot read allocation file"),
+    ("fill {f:alloc_other_model} -o {d}/f.json --recent 0", "--recent"),
+    ("fill {f:alloc_other_model} -o {d}/f.json --chunk -1", "--chunk"),
+    ("fill {f:alloc_other_model} -o {d}/f.json --decay 1.5", "--decay"),
+    ("fill {f:alloc_other_model} -o {f:alloc_other_model}", "also an input"),
     # ---- quantize ----
     ("quantize", "give the allocation"),
     ("quantize {f:alloc_json} -o {d}/q.json", "not valid JSON"),

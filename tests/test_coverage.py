@@ -174,6 +174,7 @@ def test_the_coverage_configs(config, n):
     assert all(v <= 2 * u for u, v in zip(b, b[1:], strict=False))  # no gap of more than an octave
     assert {f"{n * f:g}" for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)} <= {str(v) for v in b}
     static = [f for f in cfg.allocation if f.endswith("/allocation.json")]
-    assert sorted(cfg.allocation) == sorted(static + [f.replace("allocation.json", "dynamic.json") for f in static])
+    dynamic = [f.replace("allocation.json", "dynamic.json") for f in static]
+    assert sorted(cfg.allocation) == sorted(static + dynamic)
     budgets = {int(re.search(r"_b(\d+)/", f).group(1)) for f in static}
     assert budgets == {n // 64, n // 32, n // 16, n // 8, n // 4}
