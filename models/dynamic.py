@@ -271,8 +271,6 @@ class FilledLayer(BatchRows, CacheLayerMixin):
         self.valid = j < n.view(-1, 1)  # (Hkv, Kmax)
         self.index = self.offsets.view(-1, 1) + torch.minimum(j, (n - 1).clamp(min=0).view(-1, 1))
         self.owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), n)  # (S,)
-        self.sink_of, self.window_of = self.sink[self.owner], self.window[self.owner]
-        self.cap_of = None if self.cap is None else self.cap[self.owner]
         self.m_of = self.m[self.owner]
         self.dyn_of = self.m_of > 0
 
@@ -351,7 +349,9 @@ class FilledLayer(BatchRows, CacheLayerMixin):
             self.pos = self._unpad(torch.where(held, pos, -1)).to(torch.int32)
             self.score, self.rank = self._unpad(score), self._unpad(rank).to(torch.int32)
         p = self.pos.long()
-        slide = ~_allowed_one(t, p, self.sink_of, self.window_of, self.cap_of)  # a static head's window
+        seen = torch.full((p.shape[0],), t + 1, device=self.device)  # with key t: what query t may see
+        kept = win.keep(p, seen, self.sink, self.window, self.cap)  # (B, Hkv, S): every head's rule
+        slide = ~kept.gather(1, self.owner.view(1, 1, -1).expand(p.shape[0], 1, -1)).squeeze(1)
         if self.any_dyn:  # a filled head: this token evicts the lowest-ranked middle key
             slide = torch.where(self.dyn_of, self.rank >= _limit(t, self.m_of, self.fill), slide)
         self.pos.masked_fill_(slide & (p >= 0), -1)
@@ -410,14 +410,6 @@ class FilledLayer(BatchRows, CacheLayerMixin):
             index = index.to(self.device)
             for name in ("keys", "values", "pos", "score", "rank"):
                 setattr(self, name, getattr(self, name).index_select(0, index))
-
-
-def _allowed_one(t: int, p: torch.Tensor, sink, window, cap) -> torch.Tensor:
-    """Whether query ``t`` may see the keys at positions ``p`` (B, S) of heads (S,) (models.window's rule)."""
-    ok = (p < sink) | (p > t - window)
-    if cap is not None:
-        ok &= (cap <= 0) | (p > t - cap)
-    return ok & (p >= 0) & (p <= t)
 
 
 class FilledCache(Cache):
